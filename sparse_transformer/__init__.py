@@ -1,0 +1,1 @@
+"""Sparse Transformer: long-sequence autoregressive models with block-sparse attention."""
