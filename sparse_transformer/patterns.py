@@ -27,11 +27,13 @@ from typing import Literal
 
 import torch
 
+from sparse_transformer.errors import InputError
+
 PatternKind = Literal["dense", "local", "strided", "fixed"]
 HeadMode = Literal["interleaved", "merged", "split"]
 
 
-class PatternError(ValueError):
+class PatternError(InputError, ValueError):
     """Pattern parameters that cannot describe the requested sequence."""
 
 
