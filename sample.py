@@ -27,7 +27,7 @@ def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTran
             ckpt, map_location=device, **({"backend": backend} if backend else {})
         )
     except Exception as e:  # pickle, zip and key errors all mean the same thing to a user
-        raise InputError(f"checkpoint {ckpt} is not a readable Sparse Transformer checkpoint ({type(e).__name__}: {e})".splitlines()[0]) from e
+        raise InputError(f"checkpoint {ckpt} is not a readable Sparse Transformer checkpoint ({type(e).__name__})") from e
     return module.eval()
 
 

@@ -7,13 +7,25 @@ Everything is configured through LightningCLI: ``--print_config`` shows every op
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparse_transformer.errors import InputError
 from sparse_transformer.lightning_module import SparseTransformerLM
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Reports a bad option or config value in one line instead of the full usage text."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        print(f"error: {detail} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 class SparseTransformerCLI(LightningCLI):
@@ -28,6 +40,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         SparseTransformerLM,
         L.LightningDataModule,
         subclass_mode_data=True,
+        parser_class=OneLineErrorParser,
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},

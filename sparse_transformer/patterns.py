@@ -8,6 +8,9 @@ A pattern is a set of rules, each the set of keys j a query i may attend to (alw
   image this is "attend to the row, then to the column".
 - ``fixed``:   A(1) = {j : floor(j / l) = floor(i / l)} and A(2) = {j : j mod l in {l - c, ..., l - 1}}.
 
+Every rule also contains j = i (only fixed A(2) lacks it in the paper), so no query is left with
+nothing to attend to when a layer or head uses that rule alone.
+
 Two-rule patterns combine across layers and heads as in the paper (section 4.3):
 
 - ``interleaved``: layer k uses rule k mod 2 in every head;
@@ -122,8 +125,8 @@ class AttentionPattern:
             return causal & ((i - j) % l == 0)
         if r == 0:  # fixed A(1): same chunk
             return causal & (i // l == j // l)
-        # fixed A(2): the cell reaches a summary position, i.e. (j mod l + 1) * unit > l - c.
-        return causal & ((j % l + 1) * unit > self.stride - self.summary)
+        # fixed A(2): the cell reaches a summary position, i.e. (j mod l + 1) * unit > l - c; and itself.
+        return causal & ((j % l + 1) * unit > self.stride - self.summary) | (i == j)
 
 
 def density(layout: torch.Tensor) -> float:

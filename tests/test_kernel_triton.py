@@ -1,0 +1,183 @@
+"""The Triton block-sparse kernel against the fp32 oracle: output and dq, dk, dv, on every kind of layout.
+
+Without CUDA the kernels run in Triton's interpreter on tiny shapes (bf16 is GPU-only: the interpreter gets
+it wrong silently). The ``gpu`` class checks realistic shapes on a CUDA device.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+
+from sparse_transformer.kernels import blocksparse  # noqa: E402
+from sparse_transformer.kernels.blocksparse import blocksparse_attention  # noqa: E402
+from sparse_transformer.kernels.reference import reference_attention  # noqa: E402
+from sparse_transformer.patterns import AttentionPattern  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # of the reference's max |value|
+
+
+def random_layout(n_heads: int, n_blocks: int, density: float, seed: int) -> torch.Tensor:
+    """A causal layout with the diagonal set and a random choice of the tiles below it."""
+    g = torch.Generator().manual_seed(seed)
+    layout = (torch.rand(n_heads, n_blocks, n_blocks, generator=g) < density).tril()
+    return layout | torch.eye(n_blocks, dtype=torch.bool)
+
+
+def single_block_rows(n_heads: int, n_blocks: int) -> torch.Tensor:
+    """Head 0 dense but for row 2, which only has its diagonal; every other head only the diagonal."""
+    layout = torch.eye(n_blocks, dtype=torch.bool).repeat(n_heads, 1, 1)
+    layout[0] = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()
+    layout[0, 2, :2] = False
+    return layout
+
+
+def check_against_reference(
+    layout: torch.Tensor, block_size: int, dtype: torch.dtype, B: int = 2, D: int = 16, scale: float | None = None
+) -> None:
+    """Forward and all three gradients (random upstream grad) within the dtype's tolerance of the oracle."""
+    H, N = layout.shape[0], layout.shape[1] * block_size
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
+    out = blocksparse_attention(q, k, v, layout, block_size, scale)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(q32, k32, v32, layout, block_size, scale)
+    want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), grad.float()))
+
+    assert out.dtype == dtype and out.shape == q.shape
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (g.float() - w).abs().max().item()
+        bound = TOLERANCE[dtype] * max(w.abs().max().item(), 1.0)
+        assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e} ({dtype})"
+
+
+LAYOUTS = {
+    "dense": lambda: AttentionPattern("dense", block_size=16).layout(2, 64),
+    "strided": lambda: AttentionPattern("strided", block_size=16, stride=32).layout(2, 64),
+    "strided_split": lambda: AttentionPattern("strided", block_size=16, stride=32, heads="split").layout(2, 64),
+    "fixed_split": lambda: AttentionPattern("fixed", block_size=16, stride=32, summary=16, heads="split").layout(2, 64),
+    "random": lambda: random_layout(2, 4, 0.4, seed=1),
+    "single_block_rows": lambda: single_block_rows(2, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_matches_reference(name: str, dtype: torch.dtype) -> None:
+    check_against_reference(LAYOUTS[name](), 16, dtype)
+
+
+def test_block_32_head_dim_32_and_scale() -> None:
+    layout = AttentionPattern("fixed", block_size=32, stride=64, summary=32, heads="split").layout(2, 128)
+    check_against_reference(layout, 32, torch.float32, B=1, D=32, scale=0.3)
+
+
+def test_one_block_sequence() -> None:
+    check_against_reference(torch.ones(2, 1, 1, dtype=torch.bool), 16, torch.float32)
+
+
+def test_non_contiguous_inputs() -> None:
+    """Heads split out of a fused qkv, a transposed last dim and a transposed upstream grad."""
+    B, H, N, D, bs = 2, 2, 64, 16, 16
+    layout = LAYOUTS["strided_split"]()
+    torch.manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, D, device=DEVICE, requires_grad=True)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, H, N, D), strided
+    v_t = torch.randn(B, H, D, N, device=DEVICE, requires_grad=True)
+    v = v_t.transpose(-1, -2)  # (B, H, N, D), last dim strided
+    grad = torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2)
+    out = blocksparse_attention(q, k, v, layout, bs)
+    got = (out, *torch.autograd.grad(out, (qkv, v_t), grad))
+    ref = reference_attention(q, k, v, layout, bs)
+    want = (ref, *torch.autograd.grad(ref, (qkv, v_t), grad))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_is_deterministic() -> None:
+    layout = LAYOUTS["random"]()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    grads = [torch.autograd.grad(blocksparse_attention(q, k, v, layout, 16).sum(), (q, k, v)) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def _inputs(shape=(1, 2, 32, 16), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype, device=DEVICE) for _ in range(3)]
+
+
+DENSE_2x2 = torch.ones(2, 2, 2, dtype=torch.bool).tril()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: dict(a, q=a["q"][0]), r"\[B, H, N, D\]"),
+        (lambda a: dict(a, k=a["k"][:, :, :16]), r"share one \[B, H, N, D\] shape"),
+        (lambda a: dict(a, q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), r"dtype torch.float64"),
+        (lambda a: dict(a, v=a["v"].half()), r"dtypes differ"),
+        (lambda a: dict(a, block_size=8), r"block_size=8 is not supported"),
+        (lambda a: dict(a, q=a["q"][..., :12], k=a["k"][..., :12], v=a["v"][..., :12]), r"head dim D=12"),
+        (lambda a: dict(a, block_size=32, **dict(zip("qkv", _inputs((1, 2, 48, 16))))), r"N=48 is not a multiple"),
+        (lambda a: dict(a, layout=DENSE_2x2[:1]), r"layout shape \[1, 2, 2\]"),
+        (lambda a: dict(a, layout=DENSE_2x2.int()), r"layout dtype torch.int32"),
+        (lambda a: dict(a, layout=torch.ones(2, 2, 2, dtype=torch.bool)), r"not causal: head 0 has tile \(0, 1\)"),
+        (lambda a: dict(a, layout=torch.tensor([[[1, 0], [1, 1]], [[1, 0], [1, 0]]], dtype=torch.bool)),
+         r"head 1 query block 1 lacks its diagonal tile"),  # fmt: skip
+    ],
+    ids=["rank", "shape", "dtype", "dtype_mismatch", "block_size", "head_dim", "seq_len", "layout_shape",
+         "layout_dtype", "not_causal", "missing_diagonal"],  # fmt: skip
+)
+def test_rejects(change, match: str) -> None:
+    q, k, v = _inputs()
+    args = change(dict(q=q, k=k, v=v, layout=DENSE_2x2, block_size=16))
+    with pytest.raises(ValueError, match=match):
+        blocksparse_attention(**args)
+
+
+@needs_gpu
+def test_rejects_mixed_devices() -> None:
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="devices differ"):
+        blocksparse_attention(q, k.cpu(), v, DENSE_2x2, 16)
+
+
+def test_rejects_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blocksparse, "_INTERPRET", False)
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="needs CUDA.*'blocks' or 'reference'"):
+        blocksparse_attention(q, k, v, DENSE_2x2, 16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+class TestGPU:
+    """Realistic shapes on a CUDA device, layout on the CPU (the kernel moves it)."""
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+    @pytest.mark.parametrize(
+        "kind, N, D, bs",
+        [("dense", 1024, 64, 64), ("strided", 2048, 64, 64), ("fixed", 4096, 128, 128), ("strided", 4096, 128, 64)],
+    )
+    def test_patterns(self, kind: str, N: int, D: int, bs: int, dtype: torch.dtype) -> None:
+        layout = AttentionPattern(kind, block_size=bs, stride=8 * bs, summary=bs, heads="split").layout(4, N)
+        check_against_reference(layout, bs, dtype, B=1, D=D)
+
+    @pytest.mark.parametrize("bs", [16, 32, 64, 128])
+    def test_block_sizes(self, bs: int) -> None:
+        check_against_reference(random_layout(2, 1024 // bs, 0.3, seed=bs), bs, torch.bfloat16, D=64)
+
+    def test_fp32_is_exact(self) -> None:
+        check_against_reference(random_layout(2, 16, 0.5, seed=0), 64, torch.float32, D=64)
+
+    def test_bf16_tiny(self) -> None:
+        check_against_reference(LAYOUTS["fixed_split"](), 16, torch.bfloat16)
