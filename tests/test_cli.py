@@ -1,0 +1,93 @@
+"""End to end through the real command lines: train the tiny config, sample from its checkpoint, bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ckpt,) = out.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    return ckpt
+
+
+def test_fit_writes_checkpoints_and_metrics(checkpoint):
+    files = {p.name for p in checkpoint.parent.iterdir()}
+    assert "last.ckpt" in files and any(f.startswith("epoch=") for f in files)
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    assert state["hyper_parameters"]["pattern"]["kind"] == "strided"
+    assert state["hyper_parameters"]["seq_len"] == 64  # linked from data.seq_len
+
+
+def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
+    args = ["sample.py", "--ckpt", str(checkpoint), "--num-samples", "2", "--length", "40", "--seed", "7"]
+    first = run(*args, "--prompt", "The ", "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(*args, "--prompt", "The ", "--out", str(tmp_path / "b"))
+    a = sorted((tmp_path / "a").iterdir())
+    assert [p.name for p in a] == ["sample_0.txt", "sample_1.txt"]
+    for p in a:
+        data = p.read_bytes()
+        assert data.startswith(b"The ") and len(data) == 44
+        assert data == (tmp_path / "b" / p.name).read_bytes()
+    other = run(*args[:-1], "8", "--prompt", "The ")
+    assert other.returncode == 0 and "--- sample 1 ---" in other.stdout
+    assert a[0].read_bytes().decode("utf-8", "replace") not in other.stdout
+
+
+def test_main_builds_objects_without_training():
+    cli = train.main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.n_layers", "3"], run=False)
+    assert len(cli.model.model.blocks) == 3
+    assert cli.model.hparams.seq_len == cli.datamodule.seq_len == 64
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--model.n_layerz", "3"], "error: unrecognized arguments: --model.n_layerz 3"),
+        (["--model.pattern.stride", "12"], "error: pattern stride=12 must be a positive multiple of block_size=8"),
+        (["--data.path", "/nonexistent/enwik8"], "error: data file /nonexistent/enwik8 not found"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(override, message, tmp_path):
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path), *override)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_file_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layerz: 3\n")
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--config", str(bad))
+    assert result.returncode == 2
+    assert "error: Subcommand 'fit' does not accept option 'model.n_layerz'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sample_refuses_missing_or_corrupt_checkpoint(tmp_path):
+    result = run("sample.py", "--ckpt", str(tmp_path / "none.ckpt"))
+    assert result.returncode == 2 and result.stderr.strip() == f"error: checkpoint {tmp_path / 'none.ckpt'} not found"
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00garbage")
+    result = run("sample.py", "--ckpt", str(bad))
+    assert result.returncode == 2 and "is not a readable Sparse Transformer checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
