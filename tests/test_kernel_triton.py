@@ -1,24 +1,18 @@
 """The Triton block-sparse kernel against the fp32 oracle: output and dq, dk, dv, on every kind of layout.
 
-Without CUDA the kernels run in Triton's interpreter on tiny shapes (bf16 is GPU-only: the interpreter gets
-it wrong silently). The ``gpu`` class checks realistic shapes on a CUDA device.
+Without CUDA, conftest.py sets TRITON_INTERPRET=1 and the kernels run in Triton's interpreter on tiny shapes
+(bf16 is GPU-only: the interpreter gets it wrong silently). The ``gpu`` tests check realistic shapes on CUDA.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-from sparse_transformer.kernels import blocksparse  # noqa: E402
-from sparse_transformer.kernels.blocksparse import blocksparse_attention  # noqa: E402
-from sparse_transformer.kernels.reference import reference_attention  # noqa: E402
-from sparse_transformer.patterns import AttentionPattern  # noqa: E402
+from sparse_transformer.kernels import blocksparse
+from sparse_transformer.kernels.blocksparse import blocksparse_attention
+from sparse_transformer.kernels.reference import reference_attention
+from sparse_transformer.patterns import AttentionPattern
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # of the reference's max |value|
 
 
@@ -132,10 +126,10 @@ DENSE_2x2 = torch.ones(2, 2, 2, dtype=torch.bool).tril()
         (lambda a: dict(a, layout=DENSE_2x2.int()), r"layout dtype torch.int32"),
         (lambda a: dict(a, layout=torch.ones(2, 2, 2, dtype=torch.bool)), r"not causal: head 0 has tile \(0, 1\)"),
         (lambda a: dict(a, layout=torch.tensor([[[1, 0], [1, 1]], [[1, 0], [1, 0]]], dtype=torch.bool)),
-         r"head 1 query block 1 lacks its diagonal tile"),  # fmt: skip
+         r"head 1 query block 1 lacks its diagonal tile"),
     ],
     ids=["rank", "shape", "dtype", "dtype_mismatch", "block_size", "head_dim", "seq_len", "layout_shape",
-         "layout_dtype", "not_causal", "missing_diagonal"],  # fmt: skip
+         "layout_dtype", "not_causal", "missing_diagonal"],
 )
 def test_rejects(change, match: str) -> None:
     q, k, v = _inputs()
@@ -144,7 +138,7 @@ def test_rejects(change, match: str) -> None:
         blocksparse_attention(**args)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_rejects_mixed_devices() -> None:
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="devices differ"):
@@ -159,7 +153,6 @@ def test_rejects_cpu_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.gpu
-@needs_gpu
 class TestGPU:
     """Realistic shapes on a CUDA device, layout on the CPU (the kernel moves it)."""
 

@@ -28,7 +28,7 @@ from sparse_transformer.kernels.lut import LayoutTables, layout_tables
 BLOCK_SIZES = (16, 32, 64, 128)
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 
 # Triton picks the interpreter when a kernel is decorated, i.e. when this module is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,7 +91,7 @@ def _fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     H, N_CTX, LUT_WIDTH,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     m = tl.program_id(0)  # query block
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -110,14 +110,10 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     for i in range(count - 1):  # key blocks strictly below the diagonal: no mask
         start_n = tl.load(lut + i) * BLOCK
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, _tile(K, stride_kn, start_n, offs, offs_d), _tile(V, stride_vn, start_n, offs, offs_d),
-            offs, qk_scale, False, PRECISION,
-        )  # fmt: skip
-    acc, l_i, m_i = _fwd_tile(
-        acc, l_i, m_i, q, _tile(K, stride_kn, m * BLOCK, offs, offs_d), _tile(V, stride_vn, m * BLOCK, offs, offs_d),
-        offs, qk_scale, True, PRECISION,
-    )  # fmt: skip
+        k_ptrs, v_ptrs = _tile(K, stride_kn, start_n, offs, offs_d), _tile(V, stride_vn, start_n, offs, offs_d)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs, qk_scale, False, PRECISION)
+    k_ptrs, v_ptrs = _tile(K, stride_kn, m * BLOCK, offs, offs_d), _tile(V, stride_vn, m * BLOCK, offs, offs_d)
+    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs, qk_scale, True, PRECISION)
 
     O += bh * N_CTX * HEAD_DIM  # O and LSE are contiguous
     tl.store(_tile(O, HEAD_DIM, m * BLOCK, offs, offs_d), (acc / l_i[:, None]).to(O.dtype.element_ty))
@@ -125,7 +121,9 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_db, stride_dh, stride_dn, H, N_CTX, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_delta_kernel(
+    O, DO, DELTA, stride_db, stride_dh, stride_dn, H, N_CTX, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr
+):
     """delta_i = sum_d dO_id * O_id, the softmax-backward term shared by every key of row i."""
     m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -140,7 +138,7 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_db, stride_dh, stride_dn, H, N_CTX, H
 def _bwd_dkdv_tile(
     dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs, qk_scale,
     DIAGONAL: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """Add one query tile's contribution to dK, dV of a key block; works on transposed scores (keys x queries)."""
     q = tl.load(q_ptrs)  # (BLOCK, D)
     do = tl.load(do_ptrs)  # (BLOCK, D)
@@ -164,13 +162,13 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
     H, N_CTX, LUT_WIDTH,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     n = tl.program_id(0)  # key block
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_db + h * stride_dh
     LSE += bh * N_CTX
@@ -186,13 +184,13 @@ def _bwd_dkdv_kernel(
     dk, dv = _bwd_dkdv_tile(
         dk, dv, k, v, _tile(Q, stride_qn, n * BLOCK, offs, offs_d), _tile(DO, stride_dn, n * BLOCK, offs, offs_d),
         LSE + n * BLOCK + offs, DELTA + n * BLOCK + offs, offs, qk_scale, True, PRECISION,
-    )  # fmt: skip
+    )
     for i in range(1, count):  # query blocks strictly below the diagonal: no mask
         start_m = tl.load(lut + i) * BLOCK
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, _tile(Q, stride_qn, start_m, offs, offs_d), _tile(DO, stride_dn, start_m, offs, offs_d),
             LSE + start_m + offs, DELTA + start_m + offs, offs, qk_scale, False, PRECISION,
-        )  # fmt: skip
+        )
 
     out = bh * N_CTX * HEAD_DIM  # DK and DV are contiguous
     tl.store(_tile(DK + out, HEAD_DIM, n * BLOCK, offs, offs_d), (dk * sm_scale).to(DK.dtype.element_ty))
@@ -200,7 +198,9 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs, qk_scale, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr):
+def _bwd_dq_tile(
+    dq, q, do, lse, delta, k_ptrs, v_ptrs, offs, qk_scale, DIAGONAL: tl.constexpr, PRECISION: tl.constexpr
+):
     """Add one key tile's contribution to dQ of a query block."""
     k = tl.load(k_ptrs)  # (BLOCK, D)
     v = tl.load(v_ptrs)  # (BLOCK, D)
@@ -220,13 +220,13 @@ def _bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
     H, N_CTX, LUT_WIDTH,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     m = tl.program_id(0)  # query block
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     row = h * (N_CTX // BLOCK) + m
@@ -240,15 +240,13 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
     for i in range(count - 1):  # key blocks strictly below the diagonal: no mask
         start_n = tl.load(lut + i) * BLOCK
-        dq = _bwd_dq_tile(
-            dq, q, do, lse, delta, _tile(K, stride_kn, start_n, offs, offs_d), _tile(V, stride_vn, start_n, offs, offs_d),
-            offs, qk_scale, False, PRECISION,
-        )  # fmt: skip
-    dq = _bwd_dq_tile(
-        dq, q, do, lse, delta, _tile(K, stride_kn, m * BLOCK, offs, offs_d), _tile(V, stride_vn, m * BLOCK, offs, offs_d),
-        offs, qk_scale, True, PRECISION,
-    )  # fmt: skip
-    tl.store(_tile(DQ + bh * N_CTX * HEAD_DIM, HEAD_DIM, m * BLOCK, offs, offs_d), (dq * sm_scale).to(DQ.dtype.element_ty))
+        k_ptrs, v_ptrs = _tile(K, stride_kn, start_n, offs, offs_d), _tile(V, stride_vn, start_n, offs, offs_d)
+        dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs, qk_scale, False, PRECISION)
+    k_ptrs, v_ptrs = _tile(K, stride_kn, m * BLOCK, offs, offs_d), _tile(V, stride_vn, m * BLOCK, offs, offs_d)
+    dq = _bwd_dq_tile(dq, q, do, lse, delta, k_ptrs, v_ptrs, offs, qk_scale, True, PRECISION)
+
+    DQ += bh * N_CTX * HEAD_DIM  # contiguous
+    tl.store(_tile(DQ, HEAD_DIM, m * BLOCK, offs, offs_d), (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -267,8 +265,9 @@ def _on(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get fp32 products (no TF32), so the kernel matches the fp32 oracle."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs get three-pass TF32 products (near-fp32 accuracy, on tensor cores), so they match the fp32
+    oracle; plain fp32 ("ieee") dots need more shared memory than an H100 has at block 128, D 128."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -281,10 +280,10 @@ class _BlockSparseAttention(torch.autograd.Function):
         grid = (N // block_size, B * H)
         with _on(q.device):
             _fwd_kernel[grid](
-                q, k, v, o, lse, tables.rows.index, tables.rows.count, scale * LOG2E,
+                q, k, v, o, lse, tables.rows.index, tables.rows.count, scale * LOG2E.value,
                 *_strides(q), *_strides(k), *_strides(v), H, N, tables.rows.width,
                 HEAD_DIM=D, BLOCK=block_size, PRECISION=_precision(q.dtype),
-            )  # fmt: skip
+            )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.tables, ctx.block_size, ctx.scale = tables, block_size, scale
         return o
@@ -305,11 +304,11 @@ class _BlockSparseAttention(torch.autograd.Function):
             _bwd_dkdv_kernel[grid](
                 q, k, v, do, dk, dv, lse, delta, tables.cols.index, tables.cols.count, scale,
                 *strides, H, N, tables.cols.width, **common,
-            )  # fmt: skip
+            )
             _bwd_dq_kernel[grid](
                 q, k, v, do, dq, lse, delta, tables.rows.index, tables.rows.count, scale,
                 *strides, H, N, tables.rows.width, **common,
-            )  # fmt: skip
+            )
         return dq, dk, dv, None, None, None
 
 

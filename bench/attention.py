@@ -1,0 +1,333 @@
+"""Benchmark the attention backends: forward and forward+backward time, TFLOP/s and peak memory per N.
+
+    python bench/attention.py                     # CUDA: every backend, N = 1024 ... 65536, bf16
+    python bench/attention.py --device cpu --backends blocks reference sdpa \\
+        --seq-lens 1024 2048 4096 8192 --dtype float32
+    TRITON_INTERPRET=1 python bench/attention.py --seq-lens 64 128 --heads 2 --head-dim 16 --block-size 16 \\
+        --dtype float32
+
+The sparse backends (triton, flex, blocks, reference) run the strided and fixed layouts of the paper; ``sdpa``
+is dense causal attention (torch's scaled_dot_product_attention, is_causal=True), the baseline to beat. The
+table is printed and written as Markdown, with the command that made it, to bench/results/attention-<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from sparse_transformer.kernels import get_backend  # noqa: E402
+from sparse_transformer.patterns import AttentionPattern, density  # noqa: E402
+
+BACKENDS = ("sdpa", "flex", "triton", "blocks", "reference")  # run in this order: the baselines first
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass
+class Row:
+    backend: str
+    layout: str
+    n: int
+    density: float
+    flops: float  # of the forward, on the layout's tiles; the backward counts 2.5 times as many
+    fwd_ms: float | str  # or "OOM", "n/a", "error"
+    fwd_bwd_ms: float | str
+    peak_mib: float | str
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda if available")
+    p.add_argument("--seq-lens", type=int, nargs="+", help="default: 1024 ... 65536 on CUDA, 1024 2048 4096 on CPU")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--stride", default="128", help="l of strided and fixed: an int, raised to a whole number of "
+                   "blocks (at least one), or 'sqrt': about sqrt(N / block size) blocks, the paper's l ~ sqrt(N) "
+                   "counted in blocks")  # fmt: skip
+    p.add_argument("--summary", type=int, default=32, help="c of fixed: summary positions per chunk")
+    p.add_argument("--head-mode", choices=("merged", "split"), default="merged", help="how the two rules share heads")
+    p.add_argument("--layouts", nargs="+", choices=("strided", "fixed", "local", "dense"), default=["strided", "fixed"])
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--reference-max-n", type=int, default=8192, help="skip the O(N^2) reference above this N")
+    p.add_argument("--reps", type=int, default=2, help="CPU: timed runs, best kept (CUDA: triton's do_bench)")
+    p.add_argument("--warmup", type=int, default=1, help="CPU: untimed runs first")
+    p.add_argument("--threads", type=int, help="CPU: torch.set_num_threads")
+    p.add_argument("--out", type=Path, help="default: bench/results/attention-<device>.md")
+    args = p.parse_args()
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    args.device = torch.device(args.device)
+    cuda = args.device.type == "cuda"
+    args.seq_lens = args.seq_lens or ([1024 << i for i in range(7)] if cuda else [1024, 2048, 4096])
+    args.dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    if args.block_size < 1:
+        p.error(f"--block-size={args.block_size} must be positive")
+    bad = [n for n in args.seq_lens if n < 1 or n % args.block_size]
+    if bad:
+        p.error(f"--seq-lens {bad} are not positive multiples of --block-size={args.block_size}")
+    if args.stride != "sqrt" and not (args.stride.isdigit() and int(args.stride) > 0):
+        p.error(f"--stride={args.stride!r} must be a positive int or 'sqrt'")
+    return args
+
+
+def pattern(kind: str, n: int, args: argparse.Namespace) -> AttentionPattern:
+    """The pattern at length n, its l a whole number of blocks so the layout tiles it exactly."""
+    bs = args.block_size
+    if args.stride == "sqrt":
+        l = max(1, round(math.sqrt(n / bs))) * bs
+    else:
+        l = max(1, -(-int(args.stride) // bs)) * bs
+    return AttentionPattern(kind, block_size=bs, stride=l, summary=min(args.summary, l), heads=args.head_mode)
+
+
+def sdpa(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
+    """Dense causal attention with the backends' signature; the layout is ignored."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def backends(args: argparse.Namespace, notes: list[str]) -> dict[str, Callable]:
+    """The requested backends that can run here, baselines first; each one skipped gets a note saying why."""
+    found = {}
+    for name in (b for b in BACKENDS if b in args.backends):
+        if name == "sdpa":
+            found[name] = sdpa
+        elif name == "triton" and args.device.type != "cuda" and not INTERPRET:
+            notes.append("triton skipped: needs CUDA, or TRITON_INTERPRET=1 to run in Triton's interpreter")
+        else:
+            try:
+                found[name] = get_backend(name, args.device)
+            except ImportError as e:
+                notes.append(f"{name} skipped: {type(e).__name__}: {e}")
+    return found
+
+
+def time_ms(fn: Callable[[], object], args: argparse.Namespace) -> float:
+    """Milliseconds per call: triton's do_bench (CUDA events, median) on CUDA, best of --reps on CPU."""
+    if args.device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, return_mode="median")
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def is_oom(e: Exception) -> bool:
+    text = str(e).lower()  # CPU allocation failures are plain RuntimeErrors
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't alloc" in text
+
+
+def measure(attend: Callable, layout: torch.Tensor, n: int, args: argparse.Namespace) -> tuple:
+    """(fwd ms, fwd+bwd ms, peak MiB of one fwd+bwd beyond q, k, v and the upstream grad), with "OOM" for what
+    ran out of memory and "n/a" for a pass the backend lacks (flex's backward on CPU) or a CPU peak."""
+    cuda = args.device.type == "cuda"
+    shape = (args.batch, args.heads, n, args.head_dim)
+    q, k, v = (torch.randn(shape, device=args.device, dtype=args.dtype, requires_grad=True) for _ in range(3))
+    dout = torch.randn(shape, device=args.device, dtype=args.dtype)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            attend(q, k, v, layout, args.block_size)
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(attend(q, k, v, layout, args.block_size), (q, k, v), dout)
+
+    fwd_ms: float | str = "n/a"
+    try:
+        fwd()  # compiles (flex, triton) and builds the cached tables outside the timing
+        fwd_ms = time_ms(fwd, args)
+        fwd_bwd()  # the same for the backward, and outside the memory count
+        peak: float | str = "n/a"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fwd_bwd()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return fwd_ms, time_ms(fwd_bwd, args), peak
+    except NotImplementedError:
+        return fwd_ms, "n/a", "n/a"
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return (fwd_ms if isinstance(fwd_ms, float) else "OOM"), "OOM", "OOM"
+    finally:
+        del q, k, v, dout
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace, notes: list[str]) -> list[Row]:
+    """Every backend on every layout and length; one that ran out of memory is not retried at a larger N."""
+    attends = backends(args, notes)
+    rows, out_of_memory = [], set()
+    for n in args.seq_lens:
+        for name, attend in attends.items():
+            if name == "reference" and n > args.reference_max_n:
+                continue
+            for kind in ["causal"] if name == "sdpa" else args.layouts:
+                p = AttentionPattern("dense", block_size=args.block_size) if kind == "causal" else pattern(kind, n, args)
+                layout = p.layout(args.heads, n).to(args.device)
+                flops = 4.0 * args.batch * layout.sum().item() * args.block_size**2 * args.head_dim
+                times = ("OOM",) * 3
+                if (name, kind) not in out_of_memory:
+                    try:
+                        times = measure(attend, layout, n, args)
+                    except Exception as e:
+                        notes.append(f"{name} {kind} N={n} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                        times = ("error",) * 3
+                if times[1] == "OOM":
+                    out_of_memory.add((name, kind))
+                rows.append(Row(name, kind, n, density(layout), flops, *times))
+                print(markdown_row(rows[-1], rows), flush=True)
+    if any(n > args.reference_max_n for n in args.seq_lens) and "reference" in args.backends:
+        notes.append(f"reference skipped above N={args.reference_max_n} (--reference-max-n)")
+    return rows
+
+
+def fmt(x: float | str) -> str:
+    """Three significant digits, never in exponent form."""
+    if isinstance(x, str) or x == 0:
+        return str(x)
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}"
+
+
+def speedup(row: Row, rows: list[Row], backend: str, layout: str | None) -> str:
+    """Fwd+bwd time of ``backend`` at the same N (and layout) over this row's: above 1, this row is faster."""
+    other = [r for r in rows if r.backend == backend and r.n == row.n and layout in (None, r.layout)]
+    if not other or not all(isinstance(t, float) for t in (row.fwd_bwd_ms, other[0].fwd_bwd_ms)):
+        return "-"
+    return f"{other[0].fwd_bwd_ms / row.fwd_bwd_ms:.2f}"
+
+
+HEADER = [
+    "| backend | layout | N | density | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | peak MiB | x SDPA | x flex |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def markdown_row(row: Row, rows: list[Row]) -> str:
+    def tflops(flops: float, ms: float | str) -> str:
+        return fmt(flops / ms / 1e9) if isinstance(ms, float) else "-"
+
+    cells = [
+        row.backend, row.layout, str(row.n), f"{row.density:.3f}", fmt(row.fwd_ms), fmt(row.fwd_bwd_ms),
+        tflops(row.flops, row.fwd_ms), tflops(3.5 * row.flops, row.fwd_bwd_ms), fmt(row.peak_mib),
+        speedup(row, rows, "sdpa", None), speedup(row, rows, "flex", row.layout),
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def flex_notes(args: argparse.Namespace) -> list[str]:
+    """Flex describes a layout of blocks under 128 with 128-wide tiles; say how much more it then computes."""
+    if "flex" not in args.backends:
+        return []
+    from sparse_transformer.kernels.flex import flex_block_mask, flex_tile
+
+    notes = []
+    for n in args.seq_lens:
+        tile = flex_tile(args.block_size, n)
+        for kind in args.layouts if tile != args.block_size else []:
+            layout = pattern(kind, n, args).layout(args.heads, n)
+            bm = flex_block_mask(layout, args.block_size, torch.device("cpu"))
+            tiles = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item()
+            c = n // tile
+            notes.append(f"flex {kind} N={n}: its {tile}-wide tiles cover {tiles / (args.heads * c * (c + 1) / 2):.3f} "
+                         f"of the causal tiles, the layout {density(layout):.3f}")  # fmt: skip
+    return notes
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{models[0] if models else platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+
+
+def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started: str) -> str:
+    try:
+        import triton
+
+        triton_version = triton.__version__ + (" (interpreter)" if INTERPRET else "")
+    except ImportError:
+        triton_version = "not installed"
+    command = ("TRITON_INTERPRET=1 " if INTERPRET else "") + shlex.join(["python", *sys.argv])
+    timing = (
+        "median of triton.testing.do_bench (CUDA events)"
+        if args.device.type == "cuda"
+        else f"best of {args.reps} time.perf_counter runs after {args.warmup} warmup"
+    )
+    lines = [
+        f"# Attention backends on {device_name(args.device)}",
+        "",
+        f"- command: `{command}`",
+        f"- date: {started}; torch {torch.__version__}, triton {triton_version}",
+        f"- q, k, v: [B, H, N, D] = [{args.batch}, {args.heads}, N, {args.head_dim}], {args.dtype}",
+        *(f"- {kind} (at N={args.seq_lens[0]}): {pattern(kind, args.seq_lens[0], args)}" for kind in args.layouts),
+        f"- sdpa: dense causal scaled_dot_product_attention, the baseline; reference only up to N={args.reference_max_n}",
+        "",
+        *HEADER,
+        *(markdown_row(r, rows) for r in rows),
+        "",
+        f"density: the fraction of the causal tiles the layout computes. Times: {timing}; fwd under no_grad. "
+        "TFLOP/s: 4·B·tiles·bs²·D for the forward, counted on the layout's tiles (diagonal tiles in full; sdpa on "
+        "the causal tiles), 2.5 times that for the backward. peak MiB: CUDA memory allocated during one fwd+bwd "
+        "beyond q, k, v and the upstream gradient (n/a on CPU). x SDPA, x flex: their fwd+bwd time over this row's "
+        "at the same N (and layout); above 1 this row is faster. OOM: out of memory; n/a: not available.",
+    ]
+    if notes:
+        lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    torch.manual_seed(0)
+    notes: list[str] = []
+    print("\n".join(HEADER), flush=True)
+    rows = run(args, notes)
+    text = report(args, rows, notes + flex_notes(args), started)
+    if args.device.type == "cuda":
+        slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(args.device).lower()).strip("-")
+    else:
+        slug = "cpu-interpret" if INTERPRET else "cpu"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"attention-{slug}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"\n{text}\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

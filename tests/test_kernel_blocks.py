@@ -1,0 +1,150 @@
+"""The pure-PyTorch block-sparse backend against the fp32 oracle: output and dq, dk, dv, on every kind of layout."""
+
+import pytest
+import torch
+
+from sparse_transformer.kernels.blocks import blocks_attention
+from sparse_transformer.kernels.reference import reference_attention
+from sparse_transformer.patterns import AttentionPattern
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # of the reference's max |value|
+
+
+def random_layout(n_heads: int, n_blocks: int, density: float, seed: int) -> torch.Tensor:
+    """A causal layout with the diagonal set and a random choice of the tiles below it."""
+    g = torch.Generator().manual_seed(seed)
+    layout = (torch.rand(n_heads, n_blocks, n_blocks, generator=g) < density).tril()
+    return layout | torch.eye(n_blocks, dtype=torch.bool)
+
+
+def single_block_rows(n_heads: int, n_blocks: int) -> torch.Tensor:
+    """Head 0 dense but for row 2, which only has its diagonal; every other head only the diagonal."""
+    layout = torch.eye(n_blocks, dtype=torch.bool).repeat(n_heads, 1, 1)
+    layout[0] = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()
+    layout[0, 2, :2] = False
+    return layout
+
+
+LAYOUTS = {
+    "dense": lambda: AttentionPattern("dense", block_size=16).layout(4, 128),
+    "local": lambda: AttentionPattern("local", block_size=16, stride=32).layout(4, 128),
+    "strided": lambda: AttentionPattern("strided", block_size=16, stride=32).layout(4, 128),
+    "strided_split": lambda: AttentionPattern("strided", block_size=16, stride=32, heads="split").layout(4, 128),
+    "fixed_split": lambda: AttentionPattern("fixed", block_size=16, stride=64, summary=16, heads="split").layout(4, 128),
+    "random": lambda: random_layout(4, 8, 0.4, seed=1),
+    "single_block_rows": lambda: single_block_rows(4, 8),
+}
+
+
+def check_against_reference(
+    layout: torch.Tensor, block_size: int, dtype: torch.dtype, B: int = 2, D: int = 16, scale: float | None = None
+) -> None:
+    """Forward and all three gradients (random upstream grad) within the dtype's tolerance of the oracle."""
+    H, N = layout.shape[0], layout.shape[1] * block_size
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D).to(dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(B, H, N, D).to(dtype)
+    out = blocks_attention(q, k, v, layout, block_size, scale)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = reference_attention(q32, k32, v32, layout, block_size, scale)
+    want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), grad.float()))
+
+    assert out.dtype == dtype and out.shape == q.shape
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        err = (g.float() - w).abs().max().item()
+        bound = TOLERANCE[dtype] * max(w.abs().max().item(), 1.0)
+        assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e} ({dtype})"
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_matches_reference_fp32(name: str) -> None:
+    check_against_reference(LAYOUTS[name](), 16, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["dense", "strided_split", "random"])
+def test_low_precision(name: str, dtype: torch.dtype) -> None:
+    check_against_reference(LAYOUTS[name](), 16, dtype)
+
+
+def test_block_32_head_dim_32_and_scale() -> None:
+    layout = AttentionPattern("fixed", block_size=32, stride=64, summary=32, heads="split").layout(2, 256)
+    check_against_reference(layout, 32, torch.float32, B=1, D=32, scale=0.3)
+
+
+def test_one_block_sequence_and_element_blocks() -> None:
+    check_against_reference(torch.ones(2, 1, 1, dtype=torch.bool), 16, torch.float32)
+    check_against_reference(AttentionPattern("strided", block_size=1, stride=4).layout(2, 24), 1, torch.float32)
+
+
+def test_non_contiguous_inputs() -> None:
+    """Heads split out of a fused qkv, a transposed last dim and a transposed upstream grad."""
+    B, H, N, D, bs = 2, 4, 128, 16, 16
+    layout = LAYOUTS["strided_split"]()
+    torch.manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, H, N, D), strided
+    v_t = torch.randn(B, H, D, N, requires_grad=True)
+    v = v_t.transpose(-1, -2)  # (B, H, N, D), last dim strided
+    grad = torch.randn(B, N, H, D).transpose(1, 2)
+    out = blocks_attention(q, k, v, layout, bs)
+    got = (out, *torch.autograd.grad(out, (qkv, v_t), grad))
+    ref = reference_attention(q, k, v, layout, bs)
+    want = (ref, *torch.autograd.grad(ref, (qkv, v_t), grad))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_layout_edited_in_place_is_seen() -> None:
+    """The lookup tables are cached per layout; an in-place edit must not reuse the stale ones."""
+    layout = LAYOUTS["dense"]()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 128, 16) for _ in range(3))
+    blocks_attention(q, k, v, layout, 16)
+    layout[:, 5, :3] = False
+    torch.testing.assert_close(blocks_attention(q, k, v, layout, 16), reference_attention(q, k, v, layout, 16))
+
+
+def test_memory_follows_the_tiles() -> None:
+    """No tensor saved for backward is anywhere near N x N on a sparse layout: work follows the tiles."""
+    N, bs = 2048, 16
+    layout = AttentionPattern("local", block_size=bs, stride=32).layout(1, N)  # three tiles per row
+    q, k, v = (torch.randn(1, 1, N, 16, requires_grad=True) for _ in range(3))
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        blocks_attention(q, k, v, layout, bs).sum().backward()
+    assert max(sizes) <= N * 3 * bs, f"largest saved tensor has {max(sizes)} elements; N x N is {N * N}"
+
+
+def _inputs(shape=(1, 2, 32, 16), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+DENSE_2x2 = torch.ones(2, 2, 2, dtype=torch.bool).tril()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: dict(a, q=a["q"][0]), r"\[B, H, N, D\]"),
+        (lambda a: dict(a, k=a["k"][:, :, :16]), r"share one \[B, H, N, D\] shape; got \[1, 2, 32, 16\], \[1, 2, 16"),
+        (lambda a: dict(a, q=a["q"].int(), k=a["k"].int(), v=a["v"].int()), r"dtype torch.int32 is not supported"),
+        (lambda a: dict(a, v=a["v"].half()), r"dtypes differ"),
+        (lambda a: dict(a, block_size=0), r"block_size=0 is not supported; use a positive int"),
+        (lambda a: dict(a, block_size=32, **dict(zip("qkv", _inputs((1, 2, 48, 16))))), r"N=48 is not a multiple"),
+        (lambda a: dict(a, layout=DENSE_2x2[:1]), r"layout shape \[1, 2, 2\] is not .* = \[2, 2, 2\]"),
+        (lambda a: dict(a, layout=DENSE_2x2.int()), r"layout dtype torch.int32 is not supported; use torch.bool"),
+        (lambda a: dict(a, layout=torch.ones(2, 2, 2, dtype=torch.bool)), r"not causal: head 0 has tile \(0, 1\)"),
+        (lambda a: dict(a, layout=torch.tensor([[[1, 0], [1, 1]], [[1, 0], [1, 0]]], dtype=torch.bool)),
+         r"head 1 query block 1 lacks its diagonal tile"),  # fmt: skip
+    ],
+    ids=["rank", "shape", "dtype", "dtype_mismatch", "block_size", "seq_len", "layout_shape", "layout_dtype",
+         "not_causal", "missing_diagonal"],  # fmt: skip
+)
+def test_rejects(change, match: str) -> None:
+    q, k, v = _inputs()
+    args = change(dict(q=q, k=k, v=v, layout=DENSE_2x2, block_size=16))
+    with pytest.raises(ValueError, match=match):
+        blocks_attention(**args)
