@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
+from sparse_transformer.kernels.checks import check_inputs
 from sparse_transformer.kernels.lut import LayoutTables, layout_tables
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -312,44 +312,10 @@ class _BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-# Layouts already validated, held (like lut.py's cache) so a freed layout's storage cannot pass as checked.
-_CHECKED: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_CHECKED_SIZE = 64
-
-
-def _check_layout(layout: torch.Tensor, shape: tuple[int, int, int]) -> None:
-    """Refuse a layout the kernel would silently get wrong; the content checks run once per layout."""
-    if layout.dtype != torch.bool:
-        raise ValueError(f"layout dtype {layout.dtype} is not supported; use torch.bool")
-    if tuple(layout.shape) != shape:
-        raise ValueError(f"layout shape {list(layout.shape)} is not [H, N/block_size, N/block_size] = {list(shape)}")
-    key = (layout.data_ptr(), layout.shape, layout.stride(), layout.device, layout._version)
-    if key in _CHECKED:
-        return
-    above = layout.triu(1).nonzero()
-    if len(above):
-        h, r, c = above[0].tolist()
-        raise ValueError(f"layout is not causal: head {h} has tile ({r}, {c}) above the diagonal")
-    missing = (~layout.diagonal(dim1=1, dim2=2)).nonzero()
-    if len(missing):
-        h, r = missing[0].tolist()
-        raise ValueError(f"layout head {h} query block {r} lacks its diagonal tile; every query attends to itself")
-    _CHECKED[key] = layout
-    if len(_CHECKED) > _CHECKED_SIZE:
-        _CHECKED.popitem(last=False)
-
-
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must share one [B, H, N, D] shape; got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
-        )
+def _check_triton(q: torch.Tensor, block_size: int) -> None:
+    """What this kernel supports beyond the checks every backend makes (``checks.py``)."""
     if q.dtype not in DTYPES:
         raise ValueError(f"dtype {q.dtype} is not supported; use torch.float32, torch.float16 or torch.bfloat16")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     if q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"the triton backend needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before triton is "
@@ -357,10 +323,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size:
         )
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size={block_size} is not supported; use one of {BLOCK_SIZES}")
-    if q.shape[-1] not in HEAD_DIMS:
+    if q.dim() == 4 and q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head dim D={q.shape[-1]} is not supported; use one of {HEAD_DIMS}")
-    if q.shape[2] % block_size:
-        raise ValueError(f"sequence length N={q.shape[2]} is not a multiple of block_size={block_size}")
 
 
 def blocksparse_attention(
@@ -371,9 +335,9 @@ def blocksparse_attention(
     Differentiable in q, k, v. ``scale`` defaults to 1/sqrt(D). Keep the layout on q's device: the lookup
     tables are cached per layout tensor, and a copy made on every call misses the cache.
     """
-    _check_inputs(q, k, v, block_size)
+    _check_triton(q, block_size)
+    check_inputs(q, k, v, layout, block_size)
     B, H, N, D = q.shape
-    _check_layout(layout, (H, N // block_size, N // block_size))
     tables = layout_tables(layout.to(q.device))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _BlockSparseAttention.apply(q, k, v, tables, block_size, scale)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
-# Layouts already validated, held (like lut.py's cache) so a freed layout's storage cannot pass as checked.
-_CHECKED: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_CHECKED_SIZE = 64
+from sparse_transformer.kernels.lut import per_layout
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
@@ -41,9 +37,12 @@ def check_layout(layout: torch.Tensor, shape: tuple[int, int, int]) -> None:
         raise ValueError(f"layout dtype {layout.dtype} is not supported; use torch.bool")
     if tuple(layout.shape) != shape:
         raise ValueError(f"layout shape {list(layout.shape)} is not [H, N/block_size, N/block_size] = {list(shape)}")
-    key = (layout.data_ptr(), layout.shape, layout.stride(), layout.device, layout._version)
-    if key in _CHECKED:
-        return
+    _check_content(layout)
+
+
+@per_layout
+def _check_content(layout: torch.Tensor) -> bool:
+    """Causal with every diagonal tile set; cached, so a layout costs one device sync, not one per call."""
     above = layout.triu(1).nonzero()
     if len(above):
         h, r, c = above[0].tolist()
@@ -52,6 +51,4 @@ def check_layout(layout: torch.Tensor, shape: tuple[int, int, int]) -> None:
     if len(missing):
         h, r = missing[0].tolist()
         raise ValueError(f"layout head {h} query block {r} lacks its diagonal tile; every query attends to itself")
-    _CHECKED[key] = layout
-    if len(_CHECKED) > _CHECKED_SIZE:
-        _CHECKED.popitem(last=False)
+    return True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -20,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 
 from sparse_transformer.kernels.checks import check_inputs
-from sparse_transformer.kernels.lut import layout_tables
+from sparse_transformer.kernels.lut import layout_tables, per_layout
 
 
 @functools.cache
@@ -66,23 +65,10 @@ def flex_tile(block_size: int, seq_len: int) -> int:
     return block_size
 
 
-_CACHE: OrderedDict[tuple, tuple[torch.Tensor, BlockMask]] = OrderedDict()
-_CACHE_SIZE = 64
-
-
+@per_layout
 def flex_block_mask(layout: torch.Tensor, block_size: int, device: torch.device) -> BlockMask:
-    """The BlockMask of a bool ``[H, R, R]`` layout on ``device``, cached by the identity of its storage
-    as in lut.py: the entry holds the layout, and an in-place edit bumps ``_version`` and misses."""
-    key = (layout.data_ptr(), layout.shape, layout.stride(), layout.device, layout._version, block_size, device)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit[1]
-    block_mask = _build_block_mask(layout.to(device), block_size)
-    _CACHE[key] = (layout, block_mask)
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return block_mask
+    """The BlockMask of a bool ``[H, R, R]`` layout on ``device``, built once per layout."""
+    return _build_block_mask(layout.to(device), block_size)
 
 
 def _build_block_mask(layout: torch.Tensor, block_size: int) -> BlockMask:

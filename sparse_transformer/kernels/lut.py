@@ -5,10 +5,14 @@ Built once per layout and cached, so every backend's work follows the number of 
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,23 +46,31 @@ def _table(layout: torch.Tensor) -> BlockTable:
     return BlockTable(index=index, count=count.contiguous())
 
 
-_CACHE: OrderedDict[tuple, tuple[torch.Tensor, LayoutTables]] = OrderedDict()
-_CACHE_SIZE = 64
+def per_layout(build: Callable[..., T], size: int = 64) -> Callable[..., T]:
+    """Cache ``build(layout, *args)`` by the identity of the layout's storage (and ``args``).
 
-
-def layout_tables(layout: torch.Tensor) -> LayoutTables:
-    """Tables of a bool ``[H, R, C]`` layout, cached by the identity of its storage.
-
-    The cache holds a reference to the layout, so its memory cannot be reused by another tensor while
-    the entry lives; an in-place edit bumps ``_version`` and misses the cache.
+    Each entry holds a reference to its layout, so the memory cannot be reused by another tensor while
+    the entry lives; an in-place edit bumps ``_version`` and misses. A build that raises caches nothing.
     """
-    key = (layout.data_ptr(), layout.shape, layout.stride(), layout.device, layout._version)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit[1]
-    tables = LayoutTables(rows=_table(layout), cols=_table(layout.transpose(1, 2)))
-    _CACHE[key] = (layout, tables)
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return tables
+    cache: OrderedDict[tuple, tuple[torch.Tensor, T]] = OrderedDict()
+
+    @functools.wraps(build)
+    def cached(layout: torch.Tensor, *args) -> T:
+        key = (layout.data_ptr(), layout.shape, layout.stride(), layout.device, layout._version, *args)
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit[1]
+        value = build(layout, *args)
+        cache[key] = (layout, value)
+        if len(cache) > size:
+            cache.popitem(last=False)
+        return value
+
+    return cached
+
+
+@per_layout
+def layout_tables(layout: torch.Tensor) -> LayoutTables:
+    """Tables of a bool ``[H, R, C]`` layout, built once per layout."""
+    return LayoutTables(rows=_table(layout), cols=_table(layout.transpose(1, 2)))
