@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from sparse_transformer.errors import InputError
+from sparse_transformer.errors import InputError, run_cli
 from sparse_transformer.kernels import BACKENDS
 from sparse_transformer.lightning_module import SparseTransformerLM
 from sparse_transformer.sampling import generate
@@ -75,8 +74,4 @@ def main(argv: list[str] | None = None) -> list[bytes]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

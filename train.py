@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from sparse_transformer.errors import InputError
+from sparse_transformer.errors import run_cli
 from sparse_transformer.lightning_module import SparseTransformerLM
 
 
@@ -48,8 +48,4 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

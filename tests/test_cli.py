@@ -41,6 +41,7 @@ def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
     first = run(*args, "--prompt", "The ", "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr[-3000:]
     second = run(*args, "--prompt", "The ", "--out", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-3000:]
     a = sorted((tmp_path / "a").iterdir())
     assert [p.name for p in a] == ["sample_0.txt", "sample_1.txt"]
     for p in a:

@@ -8,6 +8,7 @@ dq, dk, dv of the compiled kernel on a CUDA device.
 
 import pytest
 import torch
+from layouts import random_layout, single_block_rows
 
 from sparse_transformer.kernels.flex import flex_attention, flex_block_mask, flex_tile
 from sparse_transformer.kernels.reference import reference_attention
@@ -15,21 +16,6 @@ from sparse_transformer.patterns import AttentionPattern, element_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # of the reference's max |value|
-
-
-def random_layout(n_heads: int, n_blocks: int, density: float, seed: int) -> torch.Tensor:
-    """A causal layout with the diagonal set and a random choice of the tiles below it."""
-    g = torch.Generator().manual_seed(seed)
-    layout = (torch.rand(n_heads, n_blocks, n_blocks, generator=g) < density).tril()
-    return layout | torch.eye(n_blocks, dtype=torch.bool)
-
-
-def single_block_rows(n_heads: int, n_blocks: int) -> torch.Tensor:
-    """Head 0 dense but for row 2, which only has its diagonal; every other head only the diagonal."""
-    layout = torch.eye(n_blocks, dtype=torch.bool).repeat(n_heads, 1, 1)
-    layout[0] = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()
-    layout[0, 2, :2] = False
-    return layout
 
 
 # (layout, block size): N = 256 with blocks of 16 or 32 is described with 128-wide tiles, N = 96 and
