@@ -92,3 +92,10 @@ def test_sample_refuses_missing_or_corrupt_checkpoint(tmp_path):
     result = run("sample.py", "--ckpt", str(bad))
     assert result.returncode == 2 and "is not a readable Sparse Transformer checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_print_config_shows_the_resolved_options():
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for line in ("  pattern:", "    kind: strided", "    stride: 16", "  class_path: data.text.ByteTextDataModule"):
+        assert line in result.stdout.splitlines()
