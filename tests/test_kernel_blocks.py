@@ -1,8 +1,9 @@
 """The pure-PyTorch block-sparse backend against the fp32 oracle: output and dq, dk, dv, on every kind of layout."""
 
+import oracle
 import pytest
 import torch
-from layouts import random_layout, single_block_rows
+from oracle import random_layout, single_block_rows
 
 from sparse_transformer.kernels.blocks import blocks_attention
 from sparse_transformer.kernels.reference import reference_attention
@@ -22,26 +23,8 @@ LAYOUTS = {
 }
 
 
-def check_against_reference(
-    layout: torch.Tensor, block_size: int, dtype: torch.dtype, B: int = 2, D: int = 16, scale: float | None = None
-) -> None:
-    """Forward and all three gradients (random upstream grad) within the dtype's tolerance of the oracle."""
-    H, N = layout.shape[0], layout.shape[1] * block_size
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D).to(dtype).requires_grad_() for _ in range(3))
-    grad = torch.randn(B, H, N, D).to(dtype)
-    out = blocks_attention(q, k, v, layout, block_size, scale)
-    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
-
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(q32, k32, v32, layout, block_size, scale)
-    want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), grad.float()))
-
-    assert out.dtype == dtype and out.shape == q.shape
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        err = (g.float() - w).abs().max().item()
-        bound = TOLERANCE[dtype] * max(w.abs().max().item(), 1.0)
-        assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e} ({dtype})"
+def check_against_reference(layout: torch.Tensor, block_size: int, dtype: torch.dtype, **kwargs) -> None:
+    oracle.check_against_reference(blocks_attention, layout, block_size, dtype, TOLERANCE[dtype], **kwargs)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

@@ -8,7 +8,7 @@ dq, dk, dv of the compiled kernel on a CUDA device.
 
 import pytest
 import torch
-from layouts import random_layout, single_block_rows
+from oracle import random_layout, single_block_rows
 
 from sparse_transformer.kernels.flex import flex_attention, flex_block_mask, flex_tile
 from sparse_transformer.kernels.reference import reference_attention

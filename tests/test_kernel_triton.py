@@ -4,9 +4,10 @@ Without CUDA, conftest.py sets TRITON_INTERPRET=1 and the kernels run in Triton'
 (bf16 is GPU-only: the interpreter gets it wrong silently). The ``gpu`` tests check realistic shapes on CUDA.
 """
 
+import oracle
 import pytest
 import torch
-from layouts import random_layout, single_block_rows
+from oracle import random_layout, single_block_rows
 
 from sparse_transformer.kernels import blocksparse
 from sparse_transformer.kernels.blocksparse import blocksparse_attention
@@ -17,26 +18,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # of the reference's max |value|
 
 
-def check_against_reference(
-    layout: torch.Tensor, block_size: int, dtype: torch.dtype, B: int = 2, D: int = 16, scale: float | None = None
-) -> None:
-    """Forward and all three gradients (random upstream grad) within the dtype's tolerance of the oracle."""
-    H, N = layout.shape[0], layout.shape[1] * block_size
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device=DEVICE).to(dtype).requires_grad_() for _ in range(3))
-    grad = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
-    out = blocksparse_attention(q, k, v, layout, block_size, scale)
-    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
-
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = reference_attention(q32, k32, v32, layout, block_size, scale)
-    want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), grad.float()))
-
-    assert out.dtype == dtype and out.shape == q.shape
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        err = (g.float() - w).abs().max().item()
-        bound = TOLERANCE[dtype] * max(w.abs().max().item(), 1.0)
-        assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e} ({dtype})"
+def check_against_reference(layout: torch.Tensor, block_size: int, dtype: torch.dtype, **kwargs) -> None:
+    oracle.check_against_reference(blocksparse_attention, layout, block_size, dtype, TOLERANCE[dtype], device=DEVICE, **kwargs)
 
 
 LAYOUTS = {
