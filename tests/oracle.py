@@ -51,3 +51,23 @@ def check_against_reference(
         err = (g.float() - w).abs().max().item()
         bound = tolerance * max(w.abs().max().item(), 1.0)
         assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e} ({dtype})"
+
+
+def check_non_contiguous(
+    attend: Callable[..., torch.Tensor], layout: torch.Tensor, block_size: int, tolerance: float, device: str = "cpu"
+) -> None:
+    """Heads split out of a fused qkv, a transposed last dim and a transposed upstream grad, against the oracle."""
+    B, D = 2, 16
+    H, N = layout.shape[0], layout.shape[1] * block_size
+    torch.manual_seed(0)
+    qkv = torch.randn(B, N, 3, H, D, device=device, requires_grad=True)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, H, N, D), strided
+    v_t = torch.randn(B, H, D, N, device=device, requires_grad=True)
+    v = v_t.transpose(-1, -2)  # (B, H, N, D), last dim strided
+    grad = torch.randn(B, N, H, D, device=device).transpose(1, 2)
+    out = attend(q, k, v, layout, block_size)
+    got = (out, *torch.autograd.grad(out, (qkv, v_t), grad))
+    ref = reference_attention(q, k, v, layout, block_size)
+    want = (ref, *torch.autograd.grad(ref, (qkv, v_t), grad))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=tolerance, rtol=tolerance)

@@ -49,21 +49,7 @@ def test_one_block_sequence_and_element_blocks() -> None:
 
 
 def test_non_contiguous_inputs() -> None:
-    """Heads split out of a fused qkv, a transposed last dim and a transposed upstream grad."""
-    B, H, N, D, bs = 2, 4, 128, 16, 16
-    layout = LAYOUTS["strided_split"]()
-    torch.manual_seed(0)
-    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
-    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, H, N, D), strided
-    v_t = torch.randn(B, H, D, N, requires_grad=True)
-    v = v_t.transpose(-1, -2)  # (B, H, N, D), last dim strided
-    grad = torch.randn(B, N, H, D).transpose(1, 2)
-    out = blocks_attention(q, k, v, layout, bs)
-    got = (out, *torch.autograd.grad(out, (qkv, v_t), grad))
-    ref = reference_attention(q, k, v, layout, bs)
-    want = (ref, *torch.autograd.grad(ref, (qkv, v_t), grad))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    oracle.check_non_contiguous(blocks_attention, LAYOUTS["strided_split"](), 16, 1e-5)
 
 
 def test_layout_edited_in_place_is_seen() -> None:
