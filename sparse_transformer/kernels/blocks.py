@@ -13,7 +13,7 @@ import math
 import torch
 
 from sparse_transformer.kernels.checks import check_inputs
-from sparse_transformer.kernels.lut import layout_tables
+from sparse_transformer.kernels.lut import layout_tables, per_layout
 
 # Rows of a causal layout widen with the row index, so padding every row to the widest one would waste
 # about half the work on a dense layout. Padding each of a few chunks of rows to its own width wastes ~1/8.
@@ -34,25 +34,34 @@ def blocks_attention(
     R, bs = N // block_size, block_size
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
-    rows = layout_tables(layout).rows
-    index = rows.index.to(q.device, torch.long)  # (H, R, width)
-    count = rows.count.to(q.device)  # (H, R)
-    # Rows list their columns ascending, so the diagonal (set, and the last column of a causal row) is the
-    # last real slot. Move it to slot 0, where one small broadcast mask makes every diagonal tile causal.
-    slot = torch.arange(index.shape[-1], device=q.device)
-    last = count[..., None] - 1  # (H, R, 1)
-    index = index.gather(-1, torch.where(slot == 0, last, torch.where(slot <= last, slot - 1, slot)))
-
     qb = (q * scale).unflatten(2, (R, bs))  # (B, H, R, bs, D); scaling q is cheaper than scaling the scores
     kb = k.reshape(B, H * R, bs, D)  # (B, H*R, bs, D): the key blocks of every head on one axis to gather on
     vb = v.reshape(B, H * R, bs, D)
 
+    index, count, chunks = _row_plan(layout, q.device)
+    out = [_attend_rows(qb[:, :, a:b], kb, vb, index[:, a:b, :w], count[:, a:b]) for a, b, w in chunks]
+    return torch.cat(out, dim=2).flatten(2, 3)  # (B, H, N, D)
+
+
+@per_layout
+def _row_plan(layout: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """What depends on the layout alone, built once per layout: the row table with each row's diagonal moved
+    to slot 0, its counts, and the row chunks as (first, end, width)."""
+    rows = layout_tables(layout).rows
+    index = rows.index.to(device, torch.long)  # (H, R, width)
+    count = rows.count.to(device)  # (H, R)
+    # Rows list their columns ascending, so the diagonal (set, and the last column of a causal row) is the
+    # last real slot. Move it to slot 0, where one small broadcast mask makes every diagonal tile causal.
+    slot = torch.arange(index.shape[-1], device=device)
+    last = count[..., None] - 1  # (H, R, 1)
+    index = index.gather(-1, torch.where(slot == 0, last, torch.where(slot <= last, slot - 1, slot)))
+
+    R = layout.shape[1]
     n_chunks = min(R, ROW_CHUNKS)
     bounds = [R * c // n_chunks for c in range(n_chunks + 1)]
     spans = list(zip(bounds[:-1], bounds[1:]))
     widths = torch.stack([count[:, a:b].max() for a, b in spans]).tolist()  # one device sync for all chunks
-    out = [_attend_rows(qb[:, :, a:b], kb, vb, index[:, a:b, :w], count[:, a:b]) for (a, b), w in zip(spans, widths)]
-    return torch.cat(out, dim=2).flatten(2, 3)  # (B, H, N, D)
+    return index, count, [(a, b, w) for (a, b), w in zip(spans, widths)]
 
 
 def _attend_rows(
