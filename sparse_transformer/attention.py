@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from sparse_transformer.kernels import BACKENDS, get_backend
+from sparse_transformer.kv_cache import BlockKVCache
 
 
 class CausalSelfAttention(nn.Module):
@@ -26,11 +27,24 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        """Attend over ``x`` from position 0; with a ``cache``, also store its keys and values (prefill)."""
         B, N, C = x.shape
         nb = N // self.block_size
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D)
+        q, k, v = self._heads(x)
+        if cache is not None:
+            cache.write(k, v, 0)
         # Patterns depend only on absolute positions, so a shorter sequence uses the top-left corner.
         attend = get_backend(self.backend, x.device)
         y = attend(q, k, v, self.layout[:, :nb, :nb], self.block_size)  # (B, H, N, D)
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+    def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
+        """One new position ``x`` ``[B, 1, C]`` at ``pos``, attending through the cache."""
+        q, k, v = self._heads(x)
+        cache.write(k, v, pos)
+        return self.proj(cache.attend(q, pos).transpose(1, 2).reshape(x.shape))
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        return self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each

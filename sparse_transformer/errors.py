@@ -1,7 +1,7 @@
 """Errors caused by what a user gave (config, data, checkpoint), shown as one line without a traceback."""
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class InputError(Exception):

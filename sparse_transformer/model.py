@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sparse_transformer.attention import CausalSelfAttention
+from sparse_transformer.kv_cache import BlockKVCache
 from sparse_transformer.patterns import AttentionPattern
 
 
@@ -27,8 +28,9 @@ class PositionalEmbedding(nn.Module):
         strides = [math.prod(self.shape[a + 1 :]) for a in range(len(self.shape))]
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
 
-    def forward(self, n: int) -> torch.Tensor:
-        pos = torch.arange(n, device=self.strides.device)
+    def forward(self, n: int, start: int = 0) -> torch.Tensor:
+        """Embeddings of positions ``start .. start + n - 1``: ``[n, C]``."""
+        pos = torch.arange(start, start + n, device=self.strides.device)
         coords = (pos.unsqueeze(1) // self.strides) % torch.tensor(self.shape, device=pos.device)  # (N, axes)
         return sum(table[coords[:, a]] for a, table in enumerate(self.tables))  # (N, C)
 
@@ -55,8 +57,12 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache))
+        return x + self.mlp(self.norm2(x))
+
+    def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
+        x = x + self.attn.decode(self.norm1(x), cache, pos)
         return x + self.mlp(self.norm2(x))
 
 
@@ -113,20 +119,35 @@ class SparseTransformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, caches: list[BlockKVCache] | None = None) -> torch.Tensor:
+        """Logits for every position; with ``caches`` (from :meth:`new_caches`), also fill them (prefill)."""
         B, N = idx.shape
         if N > self.seq_len:
             raise ValueError(f"sequence of {N} tokens is longer than the model's context seq_len={self.seq_len}")
-        # Tiles must be whole: pad on the right, which causal attention never sees from the left.
+        # Tiles must be whole: pad on the right, which causal attention never sees from the left. Padded keys
+        # in a cache are overwritten by the real tokens before any query can read them.
         pad = -N % self.block_size
         x = self.embed(F.pad(idx, (0, pad))) + self.pos(N + pad)  # (B, N', C)
         x = self.drop(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.recompute and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, caches[i] if caches else None)
         return self.head(self.norm(x))[:, :N]  # (B, N, vocab)
+
+    def new_caches(self) -> list[BlockKVCache]:
+        """One empty key/value cache per layer, for :meth:`forward` (prefill) then :meth:`decode`."""
+        return [BlockKVCache(block.attn.layout, self.block_size) for block in self.blocks]
+
+    def decode(self, idx: torch.Tensor, pos: int, caches: list[BlockKVCache]) -> torch.Tensor:
+        """Next-token logits ``[B, vocab]`` after token ``idx`` ``[B, 1]`` at position ``pos``."""
+        if pos >= self.seq_len:
+            raise ValueError(f"position {pos} is beyond the model's context seq_len={self.seq_len}")
+        x = self.embed(idx) + self.pos(1, start=pos)  # (B, 1, C)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, cache, pos)
+        return self.head(self.norm(x))[:, -1]  # (B, vocab)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,9 +1,10 @@
-"""Autoregressive sampling from a trained model."""
+"""Autoregressive sampling from a trained model, incremental with a key/value cache or by full recompute."""
 
 from __future__ import annotations
 
 import torch
 
+from sparse_transformer.errors import InputError
 from sparse_transformer.model import SparseTransformer
 
 
@@ -15,25 +16,56 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    kv_cache: bool = True,
 ) -> torch.Tensor:
     """Extend ``prompt`` ``[B, T]`` by ``length`` tokens; returns ``[B, T + length]``.
 
-    Each step re-runs the model on the last ``seq_len`` tokens. With ``temperature == 0`` it is greedy.
+    With ``kv_cache`` each new token costs one position per layer (keys read only where the pattern
+    allows); without, every step re-runs the whole prefix. Both give the same tokens. ``temperature == 0``
+    is greedy.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+    check_request(model, prompt, length, temperature)
     model.eval()
     out = prompt
-    for _ in range(length):
-        logits = model(out[:, -model.seq_len :])[:, -1].float()  # (B, vocab)
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(out.device)
+    if kv_cache:
+        caches = model.new_caches()
+        logits = model(prompt, caches)[:, -1]
+    for pos in range(prompt.shape[1], prompt.shape[1] + length):
+        if not kv_cache:
+            logits = model(out)[:, -1]
+        nxt = pick(logits.float(), temperature, top_k, generator)  # (B, 1)
         out = torch.cat([out, nxt], dim=1)
+        if kv_cache and pos + 1 < prompt.shape[1] + length:
+            logits = model.decode(nxt, pos, caches)
     return out
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token per row of ``[B, vocab]`` logits; argmax at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+
+
+def check_request(model: SparseTransformer, prompt: torch.Tensor, length: int, temperature: float) -> None:
+    """Refuse what the model cannot do, before any work: one line naming the value and what is allowed."""
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise InputError(f"prompt has shape {list(prompt.shape)}; give at least one token per sample ([B, T], T >= 1)")
+    vocab = model.head.out_features
+    if prompt.min() < 0 or prompt.max() >= vocab:
+        bad = prompt[(prompt < 0) | (prompt >= vocab)][0].item()
+        raise InputError(f"prompt token {bad} is outside the model's vocabulary 0..{vocab - 1}")
+    if length < 1:
+        raise InputError(f"length={length} must be >= 1")
+    if prompt.shape[1] + length > model.seq_len:
+        raise InputError(
+            f"prompt of {prompt.shape[1]} tokens + length {length} = {prompt.shape[1] + length} is longer than "
+            f"the model's context seq_len={model.seq_len}; shorten the prompt or the length"
+        )
+    if temperature < 0:
+        raise InputError(f"temperature={temperature} must be >= 0")

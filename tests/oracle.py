@@ -1,6 +1,6 @@
 """What the backend tests share: hand-made layouts and the comparison with the fp32 oracle."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

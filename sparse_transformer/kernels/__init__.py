@@ -8,7 +8,7 @@ whose diagonal tiles are masked element-wise. ``reference`` is the oracle the ot
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,0 +1,65 @@
+"""Key/value cache for incremental decoding that keeps and reads only the blocks a sparse pattern allows.
+
+Decoding position t reads the key blocks of its query block's layout row. A key block is stored from the
+moment its first key is written until the last query block of the context that reads it has passed, so a
+strided layer holds its local window and its column blocks, not the whole prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class BlockKVCache:
+    """The cache of one attention layer: key/value blocks of ``[B, H, block_size, D]`` by block index."""
+
+    def __init__(self, layout: torch.Tensor, block_size: int):
+        self.layout, self.block_size = layout.cpu(), block_size  # (H, NB, NB) over the whole context
+        nb = layout.shape[-1]
+        rows = torch.arange(nb).view(nb, 1).expand(nb, nb)
+        # Last query block that reads each key block; causal layouts always read their diagonal.
+        self.last_use = torch.where(self.layout.any(0), rows, -1).amax(0).tolist()
+        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._row: int | None = None  # query block that the gathered view below serves
+        self._cols: list[int] = []
+        self._allowed: torch.Tensor | None = None  # (H, U * block_size) layout of the gathered keys
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store keys/values ``[B, H, T, D]`` of positions ``start .. start + T - 1``."""
+        bs = self.block_size
+        for pos in range(start - start % bs, start + k.shape[2], bs):
+            kb, lo = pos // bs, max(start, pos)
+            hi = min(pos + bs, start + k.shape[2])
+            if kb not in self.blocks:
+                shape = (*k.shape[:2], bs, k.shape[-1])
+                self.blocks[kb] = (k.new_zeros(shape), v.new_zeros(shape))
+            kblock, vblock = self.blocks[kb]
+            kblock[:, :, lo - pos : hi - pos] = k[:, :, lo - start : hi - start]
+            vblock[:, :, lo - pos : hi - pos] = v[:, :, lo - start : hi - start]
+
+    def attend(self, q: torch.Tensor, pos: int) -> torch.Tensor:
+        """Attention of the query ``[B, H, 1, D]`` at position ``pos`` over its allowed keys; ``[B, H, 1, D]``."""
+        row = pos // self.block_size
+        if row != self._row:
+            self._enter_row(row)
+        keys = torch.cat([self.blocks[c][0] for c in self._cols], dim=2)  # (B, H, U * bs, D)
+        values = torch.cat([self.blocks[c][1] for c in self._cols], dim=2)
+        # The diagonal block is last: keys after pos are not written yet and must not be read.
+        visible = self._allowed.clone()
+        visible[:, visible.shape[1] - self.block_size + pos % self.block_size + 1 :] = False
+        scores = (q @ keys.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, H, 1, U * bs)
+        scores = scores.masked_fill(~visible.to(q.device).unsqueeze(1), float("-inf"))
+        return (torch.softmax(scores, dim=-1).to(values.dtype) @ values).to(q.dtype)
+
+    def _enter_row(self, row: int) -> None:
+        """Switch to query block ``row``: drop blocks no later query reads, gather this row's columns."""
+        self.blocks = {kb: kv for kb, kv in self.blocks.items() if self.last_use[kb] >= row}
+        allowed = self.layout[:, row, : row + 1]  # (H, row + 1)
+        self._cols = allowed.any(0).nonzero().flatten().tolist()  # union over heads, ascending: diagonal last
+        self._allowed = allowed[:, self._cols].repeat_interleave(self.block_size, dim=1)  # (H, U * bs)
+        self._row = row
+
+    def stored_blocks(self) -> int:
+        return len(self.blocks)

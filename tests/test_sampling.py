@@ -1,0 +1,85 @@
+"""Incremental decoding with the key/value cache against full recomputation, and sampling's refusals."""
+
+import pytest
+import torch
+
+from sparse_transformer.errors import InputError
+from sparse_transformer.model import SparseTransformer
+from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.sampling import generate
+
+PATTERNS = {
+    "dense": AttentionPattern("dense", block_size=4),
+    "local": AttentionPattern("local", block_size=4, stride=8),
+    "strided-split": AttentionPattern("strided", block_size=4, stride=8, heads="split"),
+    "strided-merged": AttentionPattern("strided", block_size=4, stride=8, heads="merged"),
+    "fixed-interleaved": AttentionPattern("fixed", block_size=4, stride=8, summary=2, heads="interleaved"),
+}
+
+
+def tiny(pattern: AttentionPattern, backend: str = "reference") -> SparseTransformer:
+    torch.manual_seed(0)
+    model = SparseTransformer(seq_len=48, d_model=32, n_layers=3, n_heads=4, pattern=pattern, backend=backend)
+    return model.eval()
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+@pytest.mark.parametrize("prompt_len", [1, 8, 11])
+@pytest.mark.parametrize("name", PATTERNS)
+def test_cached_logits_match_full_recompute(name, prompt_len, backend):
+    model = tiny(PATTERNS[name], backend)
+    seq = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(seq)  # (B, N, vocab): logits at every position from the whole sequence
+        caches = model.new_caches()
+        torch.testing.assert_close(model(seq[:, :prompt_len], caches), full[:, :prompt_len], rtol=1e-4, atol=1e-4)
+        for pos in range(prompt_len, 48):
+            step = model.decode(seq[:, pos : pos + 1], pos, caches)
+            torch.testing.assert_close(step, full[:, pos], rtol=1e-4, atol=1e-4, msg=f"position {pos}")
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+def test_generate_with_and_without_cache_gives_the_same_tokens(name):
+    model = tiny(PATTERNS[name])
+    prompt = torch.tensor([[72, 101, 108], [108, 111, 32]])
+    for temperature, top_k in [(0.0, None), (1.0, 20)]:
+        cached, recomputed = (
+            generate(model, prompt, 40, temperature, top_k, torch.Generator().manual_seed(3), kv_cache=kv) for kv in (True, False)
+        )
+        assert cached.shape == (2, 43) and torch.equal(cached[:, :3], prompt)
+        assert torch.equal(cached, recomputed)
+
+
+def test_cache_keeps_only_the_blocks_later_queries_read():
+    for name in PATTERNS:
+        model = tiny(PATTERNS[name])
+        caches = model.new_caches()
+        with torch.no_grad():
+            model(torch.zeros(1, 47, dtype=torch.long), caches)
+            model.decode(torch.zeros(1, 1, dtype=torch.long), 47, caches)
+        for cache in caches:
+            # At the last query block nothing later can read anything: exactly its own row's blocks remain.
+            read = cache.layout[:, -1].any(0).nonzero().flatten().tolist()
+            assert sorted(cache.blocks) == read
+            assert len(read) == 12 if name == "dense" else len(read) < 12, (name, read)
+
+
+@pytest.mark.parametrize(
+    "prompt,length,temperature,message",
+    [
+        (torch.zeros(1, 0, dtype=torch.long), 5, 1.0, r"prompt has shape \[1, 0\]; give at least one token"),
+        (torch.tensor([[3, 300]]), 5, 1.0, r"prompt token 300 is outside the model's vocabulary 0..255"),
+        (torch.tensor([[3, -1]]), 5, 1.0, r"prompt token -1 is outside the model's vocabulary 0..255"),
+        (
+            torch.zeros(1, 40, dtype=torch.long),
+            9,
+            1.0,
+            r"prompt of 40 tokens \+ length 9 = 49 is longer than the model's context seq_len=48",
+        ),
+        (torch.zeros(1, 4, dtype=torch.long), 0, 1.0, r"length=0 must be >= 1"),
+        (torch.zeros(1, 4, dtype=torch.long), 4, -0.5, r"temperature=-0.5 must be >= 0"),
+    ],
+)
+def test_bad_sampling_requests_are_refused(prompt, length, temperature, message):
+    with pytest.raises(InputError, match=message):
+        generate(tiny(PATTERNS["dense"]), prompt, length, temperature)
