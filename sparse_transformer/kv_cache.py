@@ -25,6 +25,7 @@ class BlockKVCache:
         self._row: int | None = None  # query block that the gathered view below serves
         self._cols: list[int] = []
         self._allowed: torch.Tensor | None = None  # (H, U * block_size) layout of the gathered keys
+        self._key_pos: torch.Tensor | None = None  # (U * block_size,) their positions
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Store keys/values ``[B, H, T, D]`` of positions ``start .. start + T - 1``."""
@@ -43,22 +44,22 @@ class BlockKVCache:
         """Attention of the query ``[B, H, 1, D]`` at position ``pos`` over its allowed keys; ``[B, H, 1, D]``."""
         row = pos // self.block_size
         if row != self._row:
-            self._enter_row(row)
+            self._enter_row(row, q.device)
         keys = torch.cat([self.blocks[c][0] for c in self._cols], dim=2)  # (B, H, U * bs, D)
         values = torch.cat([self.blocks[c][1] for c in self._cols], dim=2)
-        # The diagonal block is last: keys after pos are not written yet and must not be read.
-        visible = self._allowed.clone()
-        visible[:, visible.shape[1] - self.block_size + pos % self.block_size + 1 :] = False
+        visible = self._allowed & (self._key_pos <= pos)  # keys after pos are not written yet
         scores = (q @ keys.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, H, 1, U * bs)
-        scores = scores.masked_fill(~visible.to(q.device).unsqueeze(1), float("-inf"))
+        scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
         return (torch.softmax(scores, dim=-1).to(values.dtype) @ values).to(q.dtype)
 
-    def _enter_row(self, row: int) -> None:
+    def _enter_row(self, row: int, device: torch.device) -> None:
         """Switch to query block ``row``: drop blocks no later query reads, gather this row's columns."""
         self.blocks = {kb: kv for kb, kv in self.blocks.items() if self.last_use[kb] >= row}
         allowed = self.layout[:, row, : row + 1]  # (H, row + 1)
-        self._cols = allowed.any(0).nonzero().flatten().tolist()  # union over heads, ascending: diagonal last
-        self._allowed = allowed[:, self._cols].repeat_interleave(self.block_size, dim=1)  # (H, U * bs)
+        self._cols = allowed.any(0).nonzero().flatten().tolist()  # union over heads, ascending
+        self._allowed = allowed[:, self._cols].repeat_interleave(self.block_size, dim=1).to(device)  # (H, U * bs)
+        offsets = torch.arange(self.block_size)
+        self._key_pos = torch.cat([c * self.block_size + offsets for c in self._cols]).to(device)
         self._row = row
 
     def stored_blocks(self) -> int:
