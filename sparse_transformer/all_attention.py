@@ -12,7 +12,7 @@ zero query rows are prepended to keep q, k, v the same length; their outputs are
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -64,9 +64,7 @@ class PersistentMemory(nn.Module):
         # extension of the shorter layout, and stays one tensor, so the backends' per-layout caches hit.
         self.register_buffer("layout", memory_layout(layout, n_memory // block_size), persistent=False)
 
-    def attend(
-        self, attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
+    def attend(self, attend: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``attend`` (any backend) over [memory; context] for q, k, v ``(B, H, N, D)``; returns ``(B, H, N, D)``."""
         B, H, N, D = q.shape
         M = self.n_memory

@@ -37,9 +37,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
         self.memory = (
-            PersistentMemory(n_heads, d_model // n_heads, persistent_memory, layout, block_size)
-            if persistent_memory
-            else None
+            PersistentMemory(n_heads, d_model // n_heads, persistent_memory, layout, block_size) if persistent_memory else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

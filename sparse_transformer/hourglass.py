@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -90,9 +91,7 @@ def parse_spec(spec: str) -> list[tuple[int, int]]:
 def _parse_token(token: str, spec: str) -> tuple[int, int]:
     layers, at, factor = token.partition("@")
     if not (at and layers.isdigit() and factor.isdigit() and int(factor) >= 1):
-        raise HourglassError(
-            f"hourglass spec {spec!r}: token {token!r} is not layers@factor with layers >= 0 and factor >= 1"
-        )
+        raise HourglassError(f"hourglass spec {spec!r}: token {token!r} is not layers@factor with layers >= 0 and factor >= 1")
     return int(layers), int(factor)
 
 

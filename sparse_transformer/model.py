@@ -136,9 +136,7 @@ class SparseTransformer(nn.Module):
             return Block(d_model, n_heads, d_ff, dropout, layout, pattern.block_size, backend, persistent_memory)
 
         self.blocks = None if hourglass else nn.ModuleList(block(seq_len, layer) for layer in range(n_layers))
-        self.hourglass = (
-            Hourglass(hourglass, d_model, n_heads, seq_len, pattern.block_size, block) if hourglass else None
-        )
+        self.hourglass = Hourglass(hourglass, d_model, n_heads, seq_len, pattern.block_size, block) if hourglass else None
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init)
