@@ -111,10 +111,10 @@ class Shortening(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, n, C = x.shape
-        k = self.k
-        # Shift right by k - 1 (zeros enter on the left), then pad the right to whole groups.
-        x = F.pad(x, (0, 0, k - 1, 0))[:, :n]
-        groups = F.pad(x, (0, 0, 0, -n % k)).view(B, -1, k, C)  # (B, m, k, C)
+        k, m = self.k, math.ceil(n / self.k)
+        # Shift right by k - 1 (zeros enter on the left): group g holds positions g*k - k + 1 ... g*k. The
+        # m = ceil(n / k) groups that upsampling reads end at position (m - 1) * k <= n - 1.
+        groups = F.pad(x, (0, 0, k - 1, 0))[:, : m * k].view(B, m, k, C)  # (B, m, k, C)
         s = groups.mean(2) if self.proj is None else self.proj(groups.flatten(2))  # (B, m, C)
         if self.attn is not None:
             s = s + self.attn(s, groups)
