@@ -53,12 +53,14 @@ class HourglassConfig:
     upsampling: Literal["repeat", "linear"] = "linear"
     attention_resampling: bool = False
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Refuse bad options in one line. Called when the model is built (LightningCLI reports an error
+        raised while it reads an optional dataclass as a traceback, not as a message)."""
         if self.pooling not in ("avg", "linear"):
             raise HourglassError(f"hourglass pooling {self.pooling!r} is not one of avg, linear")
         if self.upsampling not in ("repeat", "linear"):
             raise HourglassError(f"hourglass upsampling {self.upsampling!r} is not one of repeat, linear")
-        parse_spec(self.spec)  # now, so a bad spec fails when the config is read
+        parse_spec(self.spec)
 
     @property
     def levels(self) -> list[tuple[int, int]]:

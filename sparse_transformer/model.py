@@ -83,6 +83,8 @@ def check_architecture(
     """Refuse combinations of the architecture options that make no sense, in one line each."""
     pattern.check(seq_len)
     check_persistent_memory(persistent_memory, pattern.block_size)
+    if hourglass is not None:
+        hourglass.check()
     if hourglass is not None and hourglass.n_layers != n_layers:
         raise InputError(
             f"n_layers={n_layers} does not match the {hourglass.n_layers} layers of hourglass spec "

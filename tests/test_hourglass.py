@@ -41,14 +41,14 @@ def test_spec_in_the_papers_notation():
 )
 def test_bad_spec_is_refused_in_one_line(spec, message):
     with pytest.raises(HourglassError, match=message):
-        HourglassConfig(spec)
+        HourglassConfig(spec).check()
 
 
 def test_bad_options_are_refused():
     with pytest.raises(HourglassError, match="hourglass pooling 'max' is not one of avg, linear"):
-        HourglassConfig("1@1 1@2 1@1", pooling="max")
+        HourglassConfig("1@1 1@2 1@1", pooling="max").check()
     with pytest.raises(HourglassError, match="hourglass upsampling 'nearest' is not one of repeat, linear"):
-        HourglassConfig("1@1 1@2 1@1", upsampling="nearest")
+        tiny("1@1 1@2 1@1", upsampling="nearest")
 
 
 def test_n_layers_must_match_the_spec():
