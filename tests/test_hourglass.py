@@ -149,3 +149,9 @@ def test_recompute_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_config_survives_a_weights_only_checkpoint_load(tmp_path):
+    config = HourglassConfig("1@1 2@3 1@1", pooling="avg", attention_resampling=True)
+    torch.save({"hourglass": config}, tmp_path / "h.pt")
+    assert torch.load(tmp_path / "h.pt", weights_only=True)["hourglass"] == config
