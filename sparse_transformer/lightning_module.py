@@ -27,7 +27,8 @@ class SparseTransformerLM(L.LightningModule):
         recompute: recompute block activations in the backward pass to save memory.
         persistent_memory: learned key/value vectors per head joined to every softmax, with no feed-forward
             sublayer (all-attention layer); 0 is off.
-        hourglass: arrange the blocks as a hierarchy of shortened levels, e.g. ``spec: "2@1 4@3 2@1"``.
+        hourglass: arrange the blocks as a hierarchy of shortened levels, e.g. ``spec: "2@1 4@3 2@1"``;
+            ``n_layers`` must equal the layers of the spec.
         lr, betas, weight_decay: AdamW; weight decay applies to matrices only.
         warmup_steps: linear warmup from 0, then cosine decay to ``min_lr_ratio * lr`` at the last step.
     """

@@ -40,14 +40,26 @@ def test_variant_trains_and_samples(config, tmp_path):
     assert data.startswith(b"The ") and len(data) == 24
 
 
-def test_hourglass_from_the_command_line_and_a_mismatched_n_layers(tmp_path):
-    args = ["train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path)]
-    result = run(*args, "--model.hourglass.spec", "1@1 1@2 1@1", "--print_config")
+def test_hourglass_from_the_command_line():
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--model.hourglass.spec", "1@1 1@2 1@1", "--print_config")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "spec: 1@1 1@2 1@1" in result.stdout
-    result = run(*args, "--model.hourglass.spec", "1@1 1@2 1@1", "--trainer.max_steps", "1")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            ["--model.hourglass.spec", "1@1 1@2 1@1"],
+            "error: n_layers=2 does not match the 3 layers of hourglass spec '1@1 1@2 1@1'; set n_layers to 3",
+        ),
+        (["--model.hourglass.spec", "1@1 1@2", "--model.n_layers", "2"], "error: hourglass spec '1@1 1@2' must be an odd number"),
+        (["--model.persistent_memory", "4"], "error: persistent_memory=4 must be a multiple of pattern block_size=8"),
+    ],
+)
+def test_bad_variant_options_fail_with_one_clear_line(override, message, tmp_path):
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path), *override)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: n_layers=2 does not match the 3 layers of hourglass spec '1@1 1@2 1@1'; set n_layers to 3"], (
-        result.stderr[-2000:]
-    )
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
