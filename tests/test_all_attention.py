@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from sparse_transformer.all_attention import PersistentMemory, memory_layout
+from sparse_transformer.attention import CausalSelfAttention
 from sparse_transformer.errors import InputError
+from sparse_transformer.hourglass import HourglassConfig
 from sparse_transformer.kernels import get_backend
 from sparse_transformer.kernels.checks import check_layout
 from sparse_transformer.model import Block, SparseTransformer
@@ -130,3 +132,19 @@ def test_all_attention_model_trains_without_ffn():
         losses.append(loss.item())
     assert losses[0] > 5.0 and losses[-1] < 0.5 * losses[0], losses[::10]
     assert not torch.equal(model.blocks[0].attn.memory.keys, before)
+
+
+def test_memory_in_an_hourglass_gives_the_same_logits_on_every_backend():
+    torch.manual_seed(0)
+    pattern = AttentionPattern("fixed", block_size=16, stride=32, summary=16, heads="split")
+    config = HourglassConfig("1@1 1@2 1@1")
+    model = SparseTransformer(64, d_model=32, n_layers=3, n_heads=2, pattern=pattern, persistent_memory=16, hourglass=config)
+    x = torch.randint(0, 256, (2, 50))
+    logits = {}
+    for backend in ("reference", "blocks", "triton"):
+        for m in model.modules():
+            if isinstance(m, CausalSelfAttention):
+                m.backend = backend
+        logits[backend] = model.eval()(x)
+    torch.testing.assert_close(logits["blocks"], logits["reference"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-5, rtol=1e-5)
