@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from sparse_transformer.all_attention import PersistentMemory
 from sparse_transformer.kernels import BACKENDS, get_backend
 from sparse_transformer.kv_cache import BlockKVCache
 
@@ -14,9 +15,19 @@ class CausalSelfAttention(nn.Module):
 
     The backend (triton, blocks, flex, reference, or auto) computes the same function; it is chosen at
     each call from the input's device when ``auto``, so a model moves between CPU and GPU freely.
+    ``persistent_memory`` > 0 joins that many learned key/value vectors per head to every softmax
+    (``sparse_transformer.all_attention``).
     """
 
-    def __init__(self, d_model: int, n_heads: int, layout: torch.Tensor, block_size: int, backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        layout: torch.Tensor,
+        block_size: int,
+        backend: str = "auto",
+        persistent_memory: int = 0,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -26,6 +37,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
+        self.memory = (
+            PersistentMemory(n_heads, d_model // n_heads, persistent_memory, layout, block_size) if persistent_memory else None
+        )
 
     def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
         """Attend over ``x`` from position 0; with a ``cache``, also store its keys and values (prefill)."""
@@ -33,17 +47,31 @@ class CausalSelfAttention(nn.Module):
         nb = N // self.block_size
         q, k, v = self._heads(x)
         if cache is not None:
-            cache.write(k, v, 0)
+            if self.memory is not None:
+                cache.write(*self.memory.keys_values(B, k.dtype), 0)
+            cache.write(k, v, self._offset)
         # Patterns depend only on absolute positions, so a shorter sequence uses the top-left corner.
         attend = get_backend(self.backend, x.device)
-        y = attend(q, k, v, self.layout[:, :nb, :nb], self.block_size)  # (B, H, N, D)
+        if self.memory is not None:
+            y = self.memory.attend(attend, q, k, v)  # (B, H, N, D)
+        else:
+            y = attend(q, k, v, self.layout[:, :nb, :nb], self.block_size)  # (B, H, N, D)
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
     def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
         """One new position ``x`` ``[B, 1, C]`` at ``pos``, attending through the cache."""
         q, k, v = self._heads(x)
-        cache.write(k, v, pos)
-        return self.proj(cache.attend(q, pos).transpose(1, 2).reshape(x.shape))
+        cache.write(k, v, pos + self._offset)
+        return self.proj(cache.attend(q, pos + self._offset).transpose(1, 2).reshape(x.shape))
+
+    def new_cache(self) -> BlockKVCache:
+        """An empty cache for this layer; persistent memory sits in it as the leading key blocks."""
+        return BlockKVCache(self.layout if self.memory is None else self.memory.layout, self.block_size)
+
+    @property
+    def _offset(self) -> int:
+        """Cache position of context position 0: after the persistent vectors."""
+        return 0 if self.memory is None else self.memory.n_memory
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from sparse_transformer.hourglass import HourglassConfig
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.patterns import AttentionPattern
 
@@ -24,6 +25,10 @@ class SparseTransformerLM(L.LightningModule):
         backend: attention implementation; ``auto`` is triton on CUDA, blocks on CPU.
         shape: axes of factorized positional embeddings (e.g. [32, 32, 3] for CIFAR-10); None for 1-D.
         recompute: recompute block activations in the backward pass to save memory.
+        persistent_memory: learned key/value vectors per head joined to every softmax, with no feed-forward
+            sublayer (all-attention layer); 0 is off.
+        hourglass: arrange the blocks as a hierarchy of shortened levels, e.g. ``spec: "2@1 4@3 2@1"``;
+            ``n_layers`` must equal the layers of the spec.
         lr, betas, weight_decay: AdamW; weight decay applies to matrices only.
         warmup_steps: linear warmup from 0, then cosine decay to ``min_lr_ratio * lr`` at the last step.
     """
@@ -40,6 +45,8 @@ class SparseTransformerLM(L.LightningModule):
         backend: Literal["auto", "triton", "blocks", "flex", "reference"] = "auto",
         shape: list[int] | None = None,
         recompute: bool = False,
+        persistent_memory: int = 0,
+        hourglass: HourglassConfig | None = None,
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.01,
@@ -59,6 +66,8 @@ class SparseTransformerLM(L.LightningModule):
             backend=backend,
             shape=tuple(shape) if shape else None,
             recompute=recompute,
+            persistent_memory=persistent_memory,
+            hourglass=hourglass,
         )
         self.train_bits, self.val_bits, self.test_bits = MeanMetric(), MeanMetric(), MeanMetric()
 

@@ -9,7 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sparse_transformer.all_attention import check_persistent_memory
 from sparse_transformer.attention import CausalSelfAttention
+from sparse_transformer.errors import InputError
+from sparse_transformer.hourglass import Hourglass, HourglassConfig
 from sparse_transformer.kv_cache import BlockKVCache
 from sparse_transformer.patterns import AttentionPattern
 
@@ -47,23 +50,52 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-activation residual block (section 5.2): x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-activation residual block (section 5.2): x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, layout: torch.Tensor, block_size: int, backend: str):
+    With ``persistent_memory`` > 0 it is an all-attention layer: no feed-forward sublayer, the persistent
+    key/value vectors take its place (``sparse_transformer.all_attention``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float,
+        layout: torch.Tensor,
+        block_size: int,
+        backend: str,
+        persistent_memory: int = 0,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, layout, block_size, backend)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, d_ff, dropout)
+        self.attn = CausalSelfAttention(d_model, n_heads, layout, block_size, backend, persistent_memory)
+        self.norm2 = None if persistent_memory else nn.LayerNorm(d_model)
+        self.mlp = None if persistent_memory else MLP(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), cache))
-        return x + self.mlp(self.norm2(x))
+        return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
     def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
         x = x + self.attn.decode(self.norm1(x), cache, pos)
-        return x + self.mlp(self.norm2(x))
+        return x if self.mlp is None else x + self.mlp(self.norm2(x))
+
+
+def check_architecture(
+    seq_len: int, n_layers: int, pattern: AttentionPattern, persistent_memory: int, hourglass: HourglassConfig | None
+) -> None:
+    """Refuse combinations of the architecture options that make no sense, in one line each."""
+    pattern.check(seq_len)
+    check_persistent_memory(persistent_memory, pattern.block_size)
+    if hourglass is not None:
+        hourglass.check()
+    if hourglass is not None and hourglass.n_layers != n_layers:
+        raise InputError(
+            f"n_layers={n_layers} does not match the {hourglass.n_layers} layers of hourglass spec "
+            f"{hourglass.spec!r}; set n_layers to {hourglass.n_layers}"
+        )
 
 
 class SparseTransformer(nn.Module):
@@ -74,6 +106,10 @@ class SparseTransformer(nn.Module):
         shape: axes of the factorized positional embedding (product must be ``seq_len``); None for 1-D.
         recompute: recompute each block's activations in the backward pass instead of storing them,
             trading about a third more compute for memory that no longer grows with depth.
+        persistent_memory: M learned key/value vectors per head in every block's softmax, replacing the
+            feed-forward sublayer (all-attention layer); 0 is off. A multiple of the pattern's block_size.
+        hourglass: arrange the ``n_layers`` blocks as a hierarchy of shortened levels (Hourglass);
+            positions are embedded at full length, and a shortened level's pattern counts its own positions.
     """
 
     def __init__(
@@ -89,28 +125,34 @@ class SparseTransformer(nn.Module):
         backend: str = "auto",
         shape: tuple[int, ...] | None = None,
         recompute: bool = False,
+        persistent_memory: int = 0,
+        hourglass: HourglassConfig | None = None,
     ):
         super().__init__()
         shape = tuple(shape) if shape else (seq_len,)
         if math.prod(shape) != seq_len:
             raise ValueError(f"positional shape {list(shape)} does not multiply to seq_len={seq_len}")
-        pattern.check(seq_len)
+        check_architecture(seq_len, n_layers, pattern, persistent_memory, hourglass)
         self.seq_len, self.block_size, self.recompute = seq_len, pattern.block_size, recompute
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = PositionalEmbedding(shape, d_model)
         self.drop = nn.Dropout(dropout)
         d_ff = int(ffn_mult * d_model)
-        self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_ff, dropout, pattern.layout(n_heads, seq_len, layer), pattern.block_size, backend)
-            for layer in range(n_layers)
-        )
+
+        def block(n: int, layer: int) -> Block:
+            layout = pattern.layout(n_heads, n, layer)
+            return Block(d_model, n_heads, d_ff, dropout, layout, pattern.block_size, backend, persistent_memory)
+
+        self.blocks = None if hourglass else nn.ModuleList(block(seq_len, layer) for layer in range(n_layers))
+        self.hourglass = Hourglass(hourglass, d_model, n_heads, seq_len, pattern.block_size, block) if hourglass else None
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.apply(self._init)
-        # Residual projections start small so the sum over 2 * n_layers branches keeps unit scale (section 5.2).
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers))
+        # Residual projections start small so the sum over the residual branches (2 per block, 1 without
+        # a feed-forward sublayer) keeps unit scale (section 5.2).
+        branches = [p for name, p in self.named_parameters() if name.endswith(("attn.proj.weight", "mlp.proj.weight"))]
+        for p in branches:
+            nn.init.normal_(p, std=0.02 / math.sqrt(len(branches)))
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -129,16 +171,26 @@ class SparseTransformer(nn.Module):
         pad = -N % self.block_size
         x = self.embed(F.pad(idx, (0, pad))) + self.pos(N + pad)  # (B, N', C)
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            if self.recompute and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, caches[i] if caches else None)
+        if self.hourglass is not None:
+            x = self.hourglass(x, self._run)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = self._run(block, x, caches[i] if caches else None)
         return self.head(self.norm(x))[:, :N]  # (B, N, vocab)
+
+    def _run(self, block: nn.Module, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        if self.recompute and self.training:
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x, cache)
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Incremental decoding needs one flat stack of block-sparse layers (an Hourglass re-pools the past)."""
+        return self.hourglass is None
 
     def new_caches(self) -> list[BlockKVCache]:
         """One empty key/value cache per layer, for :meth:`forward` (prefill) then :meth:`decode`."""
-        return [BlockKVCache(block.attn.layout, self.block_size) for block in self.blocks]
+        return [block.attn.new_cache() for block in self.blocks]
 
     def decode(self, idx: torch.Tensor, pos: int, caches: list[BlockKVCache]) -> torch.Tensor:
         """Next-token logits ``[B, vocab]`` after token ``idx`` ``[B, 1]`` at position ``pos``."""

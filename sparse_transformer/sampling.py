@@ -21,11 +21,12 @@ def generate(
     """Extend ``prompt`` ``[B, T]`` by ``length`` tokens; returns ``[B, T + length]``.
 
     With ``kv_cache`` each new token costs one position per layer (keys read only where the pattern
-    allows); without, every step re-runs the whole prefix. Both give the same tokens. ``temperature == 0``
-    is greedy.
+    allows); without, or for a model that cannot decode incrementally (an Hourglass), every step re-runs
+    the whole prefix. Both give the same tokens. ``temperature == 0`` is greedy.
     """
     check_request(model, prompt, length, temperature)
     model.eval()
+    kv_cache = kv_cache and model.supports_kv_cache
     out = prompt
     if kv_cache:
         caches = model.new_caches()

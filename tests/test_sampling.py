@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sparse_transformer.errors import InputError
+from sparse_transformer.hourglass import HourglassConfig
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.patterns import AttentionPattern
 from sparse_transformer.sampling import generate
@@ -17,17 +18,18 @@ PATTERNS = {
 }
 
 
-def tiny(pattern: AttentionPattern, backend: str = "reference") -> SparseTransformer:
+def tiny(pattern: AttentionPattern, backend: str = "reference", **kwargs) -> SparseTransformer:
     torch.manual_seed(0)
-    model = SparseTransformer(seq_len=48, d_model=32, n_layers=3, n_heads=4, pattern=pattern, backend=backend)
+    model = SparseTransformer(seq_len=48, d_model=32, n_layers=3, n_heads=4, pattern=pattern, backend=backend, **kwargs)
     return model.eval()
 
 
+@pytest.mark.parametrize("memory", [0, 8])
 @pytest.mark.parametrize("backend", ["reference", "blocks"])
 @pytest.mark.parametrize("prompt_len", [1, 8, 11])
 @pytest.mark.parametrize("name", PATTERNS)
-def test_cached_logits_match_full_recompute(name, prompt_len, backend):
-    model = tiny(PATTERNS[name], backend)
+def test_cached_logits_match_full_recompute(name, prompt_len, backend, memory):
+    model = tiny(PATTERNS[name], backend, persistent_memory=memory)
     seq = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(seq)  # (B, N, vocab): logits at every position from the whole sequence
@@ -48,6 +50,18 @@ def test_generate_with_and_without_cache_gives_the_same_tokens(name):
         )
         assert cached.shape == (2, 43) and torch.equal(cached[:, :3], prompt)
         assert torch.equal(cached, recomputed)
+
+
+def test_hourglass_samples_by_full_recompute():
+    model = tiny(PATTERNS["strided-split"], hourglass=HourglassConfig("1@1 1@2 1@1"))
+    assert not model.supports_kv_cache
+    prompt = torch.tensor([[72, 101, 108]])
+    out = generate(model, prompt, 20, 0.0)
+    assert torch.equal(out, generate(model, prompt, 20, 0.0, kv_cache=False)) and out.shape == (1, 23)
+    manual = prompt
+    for _ in range(20):  # greedy by hand: the argmax of the full forward at the last position
+        manual = torch.cat([manual, model(manual)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, manual)
 
 
 def test_cache_keeps_only_the_blocks_later_queries_read():

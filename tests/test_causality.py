@@ -1,0 +1,60 @@
+"""One causality test for every attention kind x architecture x pattern x backend: changing the input at
+position t never changes an output before t, and does change the output at t.
+
+Positions are chosen to sit on both sides of every shortening boundary of the hourglass factors used
+(2, 3, 6), so a leak through the pooling or the upsampling shows up. To cover a new attention kind, add
+its model arguments to ATTENTION; a new architecture option, to ARCHITECTURES.
+"""
+
+import pytest
+import torch
+
+from sparse_transformer.hourglass import HourglassConfig
+from sparse_transformer.model import SparseTransformer
+from sparse_transformer.patterns import AttentionPattern
+
+SEQ_LEN = 48
+POSITIONS = [0, 1, 2, 3, 5, 6, 7, 11, 12, 13, 17, 18, 23, 24, 29, 35, 36, 46, 47]
+
+# name -> SparseTransformer arguments that select the attention kind.
+ATTENTION = {
+    "sparse": {},
+}
+
+# name -> SparseTransformer arguments of an architecture option (with the n_layers they imply).
+ARCHITECTURES = {
+    "plain": dict(n_layers=2),
+    "memory": dict(n_layers=2, persistent_memory=8),
+    "hourglass": dict(n_layers=4, hourglass=HourglassConfig("1@1 2@3 1@1")),
+    "hourglass-nested-avg-repeat": dict(
+        n_layers=5, hourglass=HourglassConfig("1@1 1@2 1@6 1@2 1@1", pooling="avg", upsampling="repeat")
+    ),
+    "hourglass-attention-resampling": dict(n_layers=3, hourglass=HourglassConfig("1@1 1@3 1@1", attention_resampling=True)),
+    "hourglass-memory": dict(n_layers=5, persistent_memory=8, hourglass=HourglassConfig("1@1 1@2 1@6 1@2 1@1")),
+}
+
+PATTERNS = {
+    "dense": AttentionPattern("dense", block_size=8),
+    "strided": AttentionPattern("strided", block_size=8, stride=16, heads="split"),
+    "fixed": AttentionPattern("fixed", block_size=8, stride=16, summary=8, heads="interleaved"),
+    "local": AttentionPattern("local", block_size=8, stride=8),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_outputs_before_t_never_depend_on_position_t(attention, architecture, pattern, backend):
+    torch.manual_seed(0)
+    args = dict(seq_len=SEQ_LEN, d_model=32, n_heads=2, pattern=PATTERNS[pattern], backend=backend)
+    model = SparseTransformer(**args, **ATTENTION[attention], **ARCHITECTURES[architecture]).eval()
+    x = torch.randint(0, 256, (1, SEQ_LEN))
+    batch = x.repeat(len(POSITIONS) + 1, 1)  # row 0 unchanged, row r + 1 changed at POSITIONS[r]
+    for r, t in enumerate(POSITIONS):
+        batch[r + 1, t] = (batch[r + 1, t] + 1 + r) % 256
+    with torch.no_grad():
+        out = model(batch)  # (R, N, vocab)
+    for r, t in enumerate(POSITIONS):
+        assert torch.equal(out[r + 1, :t], out[0, :t]), f"position {t} changed an earlier output"
+        assert not torch.allclose(out[r + 1, t], out[0, t]), f"position {t} did not change its own output"

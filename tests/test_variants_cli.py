@@ -1,0 +1,65 @@
+"""Each architecture variant's tiny config trains a few steps through the real CLI and samples from its checkpoint."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# config -> (hyper-parameter, the value the checkpoint must carry)
+VARIANTS = {
+    "configs/tiny_all_attention.yaml": ("persistent_memory", 8),
+    "configs/tiny_hourglass.yaml": ("hourglass", {"spec": "1@1 2@3 1@1", "pooling": "linear", "upsampling": "linear"}),
+}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("config", VARIANTS)
+def test_variant_trains_and_samples(config, tmp_path):
+    result = run("train.py", "fit", "--config", config, "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ckpt,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+    key, value = VARIANTS[config]
+    carried = state["hyper_parameters"][key]
+    assert carried == value if not isinstance(value, dict) else value.items() <= dict(carried).items()
+
+    sample = run(
+        "sample.py", "--ckpt", str(ckpt), "--length", "20", "--seed", "1", "--prompt", "The ", "--out", str(tmp_path / "s")
+    )
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    data = (tmp_path / "s" / "sample_0.txt").read_bytes()
+    assert data.startswith(b"The ") and len(data) == 24
+
+
+def test_hourglass_from_the_command_line():
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--model.hourglass.spec", "1@1 1@2 1@1", "--print_config")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "spec: 1@1 1@2 1@1" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            ["--model.hourglass.spec", "1@1 1@2 1@1"],
+            "error: n_layers=2 does not match the 3 layers of hourglass spec '1@1 1@2 1@1'; set n_layers to 3",
+        ),
+        (["--model.hourglass.spec", "1@1 1@2", "--model.n_layers", "2"], "error: hourglass spec '1@1 1@2' must be an odd number"),
+        (["--model.persistent_memory", "4"], "error: persistent_memory=4 must be a multiple of pattern block_size=8"),
+    ],
+)
+def test_bad_variant_options_fail_with_one_clear_line(override, message, tmp_path):
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(tmp_path), *override)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
