@@ -26,9 +26,7 @@ def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTran
     if not Path(ckpt).is_file():
         raise InputError(f"checkpoint {ckpt} not found")
     try:
-        module = SparseTransformerLM.load_from_checkpoint(
-            ckpt, map_location=device, **({"backend": backend} if backend else {})
-        )
+        module = SparseTransformerLM.load_from_checkpoint(ckpt, map_location=device, **({"backend": backend} if backend else {}))
     except Exception as e:  # pickle, zip and key errors all mean the same thing to a user
         raise InputError(f"checkpoint {ckpt} is not a readable Sparse Transformer checkpoint ({type(e).__name__})") from e
     return module.eval()

@@ -69,9 +69,7 @@ class SampleLogger(L.Callback):
         first = ord("\n") if kind == "text" else START
         prompt = torch.full((self.num_samples, 1), first, device=pl_module.device)  # (S, 1)
         was_training = pl_module.training
-        tokens = generate(
-            pl_module.model, prompt, length, self.temperature, self.top_k, torch.Generator().manual_seed(self.seed)
-        )
+        tokens = generate(pl_module.model, prompt, length, self.temperature, self.top_k, torch.Generator().manual_seed(self.seed))
         pl_module.train(was_training)
         if kind != "text":
             tokens = tokens[:, 1:]  # the start token is not data
