@@ -53,7 +53,7 @@ def test_split_and_batches_are_reproducible_given_the_seed(folder):
     (a_train, a_val), (b_train, b_val), (c_train, c_val) = run(1), run(1), run(2)
     assert a_train.shape == (8, 193) and a_val.shape == (2, 193)
     assert torch.equal(a_train, b_train) and torch.equal(a_val, b_val)
-    assert not torch.equal(a_train, c_train)
+    assert not torch.equal(a_train, c_train) and not torch.equal(a_val, c_val)  # the seed also draws the split
 
 
 def test_workers_give_the_same_batches(folder):
