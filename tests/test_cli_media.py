@@ -10,6 +10,8 @@ import soundfile
 import torch
 from PIL import Image
 
+import train
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -126,3 +128,12 @@ def test_unreadable_audio_fails_with_one_line(tmp_path):
     args = ["train.py", "fit", "--config", "configs/audio-tiny.yaml", "--trainer.default_root_dir", str(tmp_path / "run")]
     line = one_error_line(run(*args, "--data.init_args.root", str(tmp_path)))
     assert line.startswith(f"error: cannot read audio file {tmp_path / 'a.wav'}")
+
+
+@pytest.mark.parametrize(("config", "metric"), [("imagenet64-tiny", "val_bpd"), ("enwik8-tiny", "val_bpb")])
+def test_the_other_tiny_configs_train(config, metric, images, tmp_path):
+    data = ["--data.init_args.root", str(images)] if "imagenet" in config else []
+    args = ["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--trainer.default_root_dir", str(tmp_path), *data]
+    cli = train.main(args)
+    assert cli.trainer.global_step == 6 and metric in cli.trainer.callback_metrics
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
