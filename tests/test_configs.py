@@ -29,7 +29,7 @@ def test_the_paper_enwik8_setup():
 PAPER = {  # Child et al. (2019), section 7: layers, heads, d, dropout, stride, epochs; DataModule seq_len, positions
     "cifar10": (128, 2, 256, 0.25, 96, 120, 3072, [32, 32, 3]),
     "imagenet64": (48, 16, 512, 0.01, 128, 70, 12288, [64, 64, 3]),
-    "audio": (48, 16, 512, 0.0, 256, None, 65536, [65536]),
+    "audio": (48, 16, 512, 0.0, 256, None, 65536, [256, 256]),
 }
 
 
