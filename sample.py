@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[bytes]:
     modality, seq_len = module.modality, module.hparams.seq_len
     kind = modality["kind"]
     generator = torch.Generator().manual_seed(args.seed)
-    out = Path(args.out) if args.out else None if kind == "text" else Path("samples")
+    out = Path(args.out) if args.out else (None if kind == "text" else Path("samples"))
 
     if args.complete is not None:
         if kind != "image" or args.complete < 1:
