@@ -214,7 +214,8 @@ class ImageNet64DataModule(ImageDataModule):
     """Downsampled ImageNet 64x64 (van den Oord et al. 2016), the version the paper trains on.
 
     It is not downloadable without an ImageNet account, so the user supplies it: unpack
-    ``train_64x64.tar`` and ``valid_64x64.tar`` (PNG files) from image-net.org under ``root``.
+    ``train_64x64.tar`` and ``valid_64x64.tar`` (PNG files) from image-net.org under ``root``. The later
+    ``.npz`` release (Chrabaszcz et al. 2017) uses another resizing, so its bits/dim are not the paper's.
 
     Args:
         root: folder holding ``train_64x64/`` and ``valid_64x64/``.
@@ -231,8 +232,8 @@ class ImageNet64DataModule(ImageDataModule):
         if missing:
             raise InputError(
                 f"downsampled ImageNet 64x64 not found ({', '.join(missing)} missing); get train_64x64.tar and "
-                f"valid_64x64.tar from https://image-net.org/download-images (an ImageNet account) and unpack "
-                f"them under {self.root}"
+                f"valid_64x64.tar (van den Oord et al. 2016; image-net.org, with an ImageNet account) and unpack "
+                f"them under {self.root} (the .npz variant of Chrabaszcz et al. 2017 is resized differently and not read)"
             )
         self.train = ImageBytes(ImageFiles(find_images(folders[0], self.shape), self.shape))
         self.val = self.test = ImageBytes(ImageFiles(find_images(folders[1], self.shape), self.shape))

@@ -82,7 +82,7 @@ def test_missing_datasets_say_where_to_get_them(tmp_path):
         ImageFolderDataModule(root=str(tmp_path / "none")).setup()
     with pytest.raises(InputError, match="CIFAR-10 not found or corrupt under .*; set data.init_args.download=true"):
         CIFAR10DataModule(root=str(tmp_path)).setup()
-    with pytest.raises(InputError, match="train_64x64.tar and valid_64x64.tar from https://image-net.org"):
+    with pytest.raises(InputError, match=r"get train_64x64.tar and valid_64x64.tar \(van den Oord et al. 2016; image-net.org"):
         ImageNet64DataModule(root=str(tmp_path)).setup()
 
 
