@@ -46,7 +46,9 @@ def load_datamodule(ckpt: str, root: str | None) -> L.LightningDataModule:
     return cls(**kwargs)
 
 
-def complete_images(module: SparseTransformerLM, datamodule, n: int, args, generator) -> tuple[torch.Tensor, bytes]:
+def complete_images(
+    module: SparseTransformerLM, datamodule: L.LightningDataModule, n: int, temperature: float, top_k: int | None, generator
+) -> tuple[torch.Tensor, bytes]:
     """Prime with the top half of ``n`` validation images, generate the rest; a grid of corrupted / completed / original."""
     rows, cols, channels = module.modality["shape"]
     datamodule.setup("validate")
@@ -54,7 +56,7 @@ def complete_images(module: SparseTransformerLM, datamodule, n: int, args, gener
         raise InputError(f"--complete {n} asks for more images than the validation split holds ({len(datamodule.val)})")
     original = torch.stack([datamodule.val[i] for i in range(n)]).to(module.device)  # (n, 1 + N)
     primed = 1 + (rows // 2) * cols * channels  # start token + the top rows
-    completed = generate(module.model, original[:, :primed], original.shape[1] - primed, args.temperature, args.top_k, generator)
+    completed = generate(module.model, original[:, :primed], original.shape[1] - primed, temperature, top_k, generator)
     corrupted = original.clone()
     corrupted[:, primed:] = 128  # the part the model did not see, in mid grey
     triples = torch.stack([corrupted, completed, original], dim=1)[:, :, 1:].flatten(0, 1)  # (3n, N)
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> list[bytes]:
     if args.complete is not None:
         if kind != "image" or args.complete < 1:
             raise InputError(f"--complete {args.complete} needs an image checkpoint (this one is {kind}) and N >= 1")
-        tokens, grid = complete_images(module, load_datamodule(args.ckpt, args.data_root), args.complete, args, generator)
+        datamodule = load_datamodule(args.ckpt, args.data_root)
+        tokens, grid = complete_images(module, datamodule, args.complete, args.temperature, args.top_k, generator)
         write_atomic(out / "completions.png", grid)
         print(f"wrote {out / 'completions.png'} (each row: corrupted, completed, original)")
         return [bytes(row.tolist()) for row in tokens]
