@@ -68,9 +68,9 @@ def bytes_to_images(tokens: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return tokens.to(torch.uint8).reshape(-1, *shape).permute(0, 3, 1, 2)
 
 
-def mu_law_encode(wave_: torch.Tensor) -> torch.Tensor:
+def mu_law_encode(waveform: torch.Tensor) -> torch.Tensor:
     """Waveform in [-1, 1] -> 8-bit mu-law codes (uint8)."""
-    return AF.mu_law_encoding(wave_.clamp(-1, 1), MU_LAW_CHANNELS).to(torch.uint8)
+    return AF.mu_law_encoding(waveform.clamp(-1, 1), MU_LAW_CHANNELS).to(torch.uint8)
 
 
 def mu_law_decode(codes: torch.Tensor) -> torch.Tensor:
