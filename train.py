@@ -1,7 +1,8 @@
 """Train a Sparse Transformer: ``python train.py fit --config configs/quickstart.yaml``.
 
 Everything is configured through LightningCLI: ``--print_config`` shows every option with its default,
-``--model.n_layers 8`` overrides one. The DataModule's ``seq_len`` sets the model's context.
+``--model.n_layers 8`` overrides one. The DataModule's ``seq_len`` sets the model's context and its
+``modality`` (text, image, audio) the metric's unit and the image shape of the positional embedding.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class OneLineErrorParser(LightningArgumentParser):
 class SparseTransformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
+        parser.link_arguments("data.modality", "model.modality", apply_on="instantiate")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

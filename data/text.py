@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from sparse_transformer.errors import InputError
+from sparse_transformer.modality import TEXT
 
 # The Python Language Reference as the interpreter ships it (pydoc_data.topics), 466 KB of English
 # prose with code; see data/corpus/README.md. Needs no download, so the quickstart runs offline.
@@ -60,6 +61,8 @@ class ByteTextDataModule(L.LightningDataModule):
         samples_per_epoch: training windows per epoch; None means one pass worth (train bytes / seq_len).
         seed: seeds the training sampler, so a run's window sequence is reproducible.
     """
+
+    modality = TEXT
 
     def __init__(
         self,

@@ -11,19 +11,24 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from sparse_transformer.hourglass import HourglassConfig
+from sparse_transformer.modality import TEXT, Modality, unit
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.patterns import AttentionPattern
 
 
 class SparseTransformerLM(L.LightningModule):
-    """Trains a :class:`SparseTransformer` on ``[B, N + 1]`` windows of bytes; metrics in bits per byte.
+    """Trains a :class:`SparseTransformer` on ``[B, N + 1]`` byte sequences; metrics in bits per byte (text,
+    ``val_bpb``) or bits per dim (images, audio: ``val_bpd``).
 
     Args:
         seq_len: context length; linked from the DataModule's ``seq_len`` by ``train.py``.
         d_model, n_layers, n_heads, ffn_mult, dropout: network size (ffn width = ffn_mult * d_model).
         pattern: which keys each query attends to (see ``sparse_transformer.patterns``).
         backend: attention implementation; ``auto`` is triton on CUDA, blocks on CPU.
-        shape: axes of factorized positional embeddings (e.g. [32, 32, 3] for CIFAR-10); None for 1-D.
+        shape: axes of factorized positional embeddings (e.g. [32, 32, 3] for CIFAR-10); None takes the
+            modality's image shape, or 1-D.
+        modality: what the bytes are (text, image, audio); linked from the DataModule by ``train.py`` and
+            kept in the checkpoint, so sampling knows how to write its output.
         recompute: recompute block activations in the backward pass to save memory.
         persistent_memory: learned key/value vectors per head joined to every softmax, with no feed-forward
             sublayer (all-attention layer); 0 is off.
@@ -52,9 +57,13 @@ class SparseTransformerLM(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        modality: Modality | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.modality = modality or TEXT
+        self.unit = unit(self.modality)
+        shape = shape or self.modality["shape"]
         self.model = SparseTransformer(
             seq_len=seq_len,
             d_model=d_model,
@@ -82,16 +91,16 @@ class SparseTransformerLM(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.train_bits(loss.detach() / math.log(2))
-        self.log("train_bpb", self.train_bits, on_step=True, on_epoch=True, prog_bar=True)
+        self.log(f"train_{self.unit}", self.train_bits, on_step=True, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.val_bits.update(self._loss(batch) / math.log(2), weight=batch[:, 1:].numel())
-        self.log("val_bpb", self.val_bits, on_epoch=True, prog_bar=True)
+        self.log(f"val_{self.unit}", self.val_bits, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.test_bits.update(self._loss(batch) / math.log(2), weight=batch[:, 1:].numel())
-        self.log("test_bpb", self.test_bits, on_epoch=True)
+        self.log(f"test_{self.unit}", self.test_bits, on_epoch=True)
 
     def configure_optimizers(self):
         hp = self.hparams

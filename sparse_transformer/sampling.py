@@ -63,10 +63,11 @@ def check_request(model: SparseTransformer, prompt: torch.Tensor, length: int, t
         raise InputError(f"prompt token {bad} is outside the model's vocabulary 0..{vocab - 1}")
     if length < 1:
         raise InputError(f"length={length} must be >= 1")
-    if prompt.shape[1] + length > model.seq_len:
+    # The last token is sampled, never fed back: the model reads at most prompt + length - 1 positions.
+    if prompt.shape[1] + length - 1 > model.seq_len:
         raise InputError(
-            f"prompt of {prompt.shape[1]} tokens + length {length} = {prompt.shape[1] + length} is longer than "
-            f"the model's context seq_len={model.seq_len}; shorten the prompt or the length"
+            f"prompt of {prompt.shape[1]} tokens + length {length} needs a context of {prompt.shape[1] + length - 1} "
+            f"positions, more than the model's seq_len={model.seq_len}; shorten the prompt or the length"
         )
     if temperature < 0:
         raise InputError(f"temperature={temperature} must be >= 0")

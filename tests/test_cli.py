@@ -48,6 +48,9 @@ def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
         data = p.read_bytes()
         assert data.startswith(b"The ") and len(data) == 44
         assert data == (tmp_path / "b" / p.name).read_bytes()
+    recomputed = run(*args, "--prompt", "The ", "--no-kv-cache", "--out", str(tmp_path / "c"))
+    assert recomputed.returncode == 0, recomputed.stderr[-3000:]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in sorted((tmp_path / "c").iterdir())]
     other = run(*args[:-1], "8", "--prompt", "The ")
     assert other.returncode == 0 and "--- sample 1 ---" in other.stdout
     assert a[0].read_bytes().decode("utf-8", "replace") not in other.stdout

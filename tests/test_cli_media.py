@@ -1,0 +1,139 @@
+"""Images and audio end to end through the real command lines: train the tiny configs, sample, bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def train_tiny(config: str, data: Path, out: Path) -> Path:
+    result = run(
+        "train.py", "fit", "--config", config, "--data.init_args.root", str(data), "--trainer.default_root_dir", str(out)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ckpt,) = out.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_ckpt(images, tmp_path_factory) -> Path:
+    return train_tiny("configs/cifar10-tiny.yaml", images, tmp_path_factory.mktemp("image-run"))
+
+
+@pytest.fixture(scope="module")
+def audio_ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("audio")
+    for i in range(4):
+        t = np.arange(4000 * (i + 1)) / 16000
+        soundfile.write(folder / f"{i}.wav", 0.5 * np.sin(2 * np.pi * 300 * (i + 1) * t), 16000)
+    return train_tiny("configs/audio-tiny.yaml", folder, tmp_path_factory.mktemp("audio-run"))
+
+
+def test_image_training_logs_bits_per_dim_and_samples(image_ckpt):
+    state = torch.load(image_ckpt, map_location="cpu", weights_only=True)
+    assert state["hyper_parameters"]["modality"] == {"kind": "image", "shape": [8, 8, 3], "sample_rate": None}
+    assert state["hyper_parameters"]["seq_len"] == 192
+    (checkpointing,) = [v for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert checkpointing["monitor"] == "val_bpd" and 0 < float(checkpointing["best_model_score"]) < 9
+    log_dir = image_ckpt.parents[1]
+    (grid,) = log_dir.glob("samples/step=*/samples.png")  # SampleLogger: 2 samples, one row
+    assert Image.open(grid).size == (2 * 9 + 1, 9 + 1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir)).Reload()
+    assert "samples" in events.Tags()["images"] and "val_bpd" in events.Tags()["scalars"]
+
+
+def test_sample_writes_a_png_grid_reproducibly(image_ckpt, tmp_path):
+    args = ["sample.py", "--ckpt", str(image_ckpt), "--num-samples", "4", "--seed", "3"]
+    for out in ("a", "b"):
+        result = run(*args, "--out", str(tmp_path / out))
+        assert result.returncode == 0, result.stderr[-3000:]
+    grid = Image.open(tmp_path / "a" / "samples.png")
+    assert grid.size == (2 * 9 + 1, 2 * 9 + 1)  # 2 x 2 images of 8 x 8 with 1-pixel borders
+    assert (tmp_path / "a" / "samples.png").read_bytes() == (tmp_path / "b" / "samples.png").read_bytes()
+
+
+def test_completion_keeps_the_top_half(image_ckpt, images, tmp_path):
+    result = run("sample.py", "--ckpt", str(image_ckpt), "--complete", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    grid = np.asarray(Image.open(tmp_path / "completions.png").convert("RGB"))
+    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1, 3)  # rows: images; columns: corrupted, completed, original
+    for row in range(2):
+        corrupted, completed, original = (grid[1 + 9 * row : 9 + 9 * row, 1 + 9 * c : 9 + 9 * c] for c in range(3))
+        assert (original[:4] == completed[:4]).all() and (original[:4] == corrupted[:4]).all()
+        assert (corrupted[4:] == 128).all()
+        assert any((original == np.asarray(Image.open(p))).all() for p in images.iterdir())
+    moved = one_error_line(run("sample.py", "--ckpt", str(image_ckpt), "--complete", "2", "--data-root", str(tmp_path / "gone")))
+    assert moved == f"error: image folder {tmp_path / 'gone'} not found"
+
+
+def test_audio_trains_and_samples_a_wav(audio_ckpt, tmp_path):
+    assert torch.load(audio_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["modality"]["kind"] == "audio"
+    (logged,) = audio_ckpt.parents[1].glob("samples/step=*/sample_0.wav")  # SampleLogger, 64 steps
+    assert soundfile.info(logged).frames == 64
+    result = run("sample.py", "--ckpt", str(audio_ckpt), "--num-samples", "2", "--length", "100", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in range(2):
+        info = soundfile.info(tmp_path / f"sample_{i}.wav")
+        assert (info.samplerate, info.frames, info.channels) == (8000, 100, 1)
+    wrong = one_error_line(run("sample.py", "--ckpt", str(audio_ckpt), "--complete", "1"))
+    assert wrong == "error: --complete 1 needs an image checkpoint (this one is audio) and N >= 1"
+
+
+def test_bad_image_data_fails_with_one_line(images, tmp_path):
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for p in images.iterdir():
+        (wide / p.name).write_bytes(p.read_bytes())
+    Image.fromarray(np.zeros((8, 6, 3), dtype=np.uint8)).save(wide / "odd.png")
+    base = ["train.py", "fit", "--config", "configs/cifar10-tiny.yaml", "--trainer.default_root_dir", str(tmp_path / "run")]
+    line = one_error_line(run(*base, "--data.init_args.root", str(wide)))
+    assert line.startswith(f"error: image {wide / 'odd.png'} is 8x6 (rows x cols), expected 8x8")
+
+
+def test_unreadable_audio_fails_with_one_line(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"RIFF....WAVE broken")
+    (tmp_path / "b.wav").write_bytes(b"")
+    args = ["train.py", "fit", "--config", "configs/audio-tiny.yaml", "--trainer.default_root_dir", str(tmp_path / "run")]
+    line = one_error_line(run(*args, "--data.init_args.root", str(tmp_path)))
+    assert line.startswith(f"error: cannot read audio file {tmp_path / 'a.wav'}")
+
+
+@pytest.mark.parametrize(("config", "metric"), [("imagenet64-tiny", "val_bpd"), ("enwik8-tiny", "val_bpb")])
+def test_the_other_tiny_configs_train(config, metric, images, tmp_path):
+    data = ["--data.init_args.root", str(images)] if "imagenet" in config else []
+    args = ["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--trainer.default_root_dir", str(tmp_path), *data]
+    cli = train.main(args)
+    assert cli.trainer.global_step == 6 and metric in cli.trainer.callback_metrics
+    assert list(tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
