@@ -86,9 +86,9 @@ def test_cache_keeps_only_the_blocks_later_queries_read():
         (torch.tensor([[3, -1]]), 5, 1.0, r"prompt token -1 is outside the model's vocabulary 0..255"),
         (
             torch.zeros(1, 40, dtype=torch.long),
-            9,
+            10,
             1.0,
-            r"prompt of 40 tokens \+ length 9 = 49 is longer than the model's context seq_len=48",
+            r"prompt of 40 tokens \+ length 10 needs a context of 49 positions, more than the model.s seq_len=48",
         ),
         (torch.zeros(1, 4, dtype=torch.long), 0, 1.0, r"length=0 must be >= 1"),
         (torch.zeros(1, 4, dtype=torch.long), 4, -0.5, r"temperature=-0.5 must be >= 0"),
