@@ -7,6 +7,7 @@ Everything is configured through LightningCLI: ``--print_config`` shows every op
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import NoReturn
 
 import lightning as L
@@ -15,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sparse_transformer.errors import run_cli
 from sparse_transformer.lightning_module import SparseTransformerLM
+from sparse_transformer.resume import check_resumable, resolve_ckpt_path
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -32,10 +34,22 @@ class SparseTransformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
 
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` resumes from the run's last.ckpt; any checkpoint is checked before restoring."""
+        config = self.config_init["fit"]
+        if config.get("ckpt_path") and config["ckpt_path"] not in ("best", "hpc"):
+            config["ckpt_path"] = resolve_ckpt_path(self.trainer, config["ckpt_path"])
+            check_resumable(config["ckpt_path"], self.model)
+
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and with ``run``, execute) the CLI; tests and tools use ``run=False`` to get the objects."""
     torch.set_float32_matmul_precision("high")
+    # Lightning cannot see that our training sampler resumes mid-epoch (data/sampler.py); it does.
+    warnings.filterwarnings(
+        "ignore",
+        message="You're resuming from a checkpoint that ended before the epoch ended",
+    )
     return SparseTransformerCLI(
         SparseTransformerLM,
         L.LightningDataModule,
