@@ -46,10 +46,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Build (and with ``run``, execute) the CLI; tests and tools use ``run=False`` to get the objects."""
     torch.set_float32_matmul_precision("high")
     # Lightning cannot see that our training sampler resumes mid-epoch (data/sampler.py); it does.
-    warnings.filterwarnings(
-        "ignore",
-        message="You're resuming from a checkpoint that ended before the epoch ended",
-    )
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return SparseTransformerCLI(
         SparseTransformerLM,
         L.LightningDataModule,

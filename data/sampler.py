@@ -44,9 +44,7 @@ class ResumableSampler(DistributedSampler):
     ):
         num_samples = population if num_samples is None else num_samples
         if not replacement and num_samples > population:
-            raise ValueError(
-                f"cannot draw {num_samples} samples without replacement from {population}"
-            )
+            raise ValueError(f"cannot draw {num_samples} samples without replacement from {population}")
         # The parent keeps rank, seed, epoch and the per-rank length (drop_last: every rank the same count).
         super().__init__(
             range(num_samples),
@@ -64,18 +62,12 @@ class ResumableSampler(DistributedSampler):
         epoch, skip = self.epoch, self.skip
         generator = torch.Generator().manual_seed(self.seed + epoch)
         if self.replacement:
-            order = torch.randint(
-                self.population, (self.total_size,), generator=generator
-            )
+            order = torch.randint(self.population, (self.total_size,), generator=generator)
         else:
-            order = torch.randperm(self.population, generator=generator)[
-                : self.total_size
-            ]
+            order = torch.randperm(self.population, generator=generator)[: self.total_size]
         rest = order[skip:]
         per_rank = len(rest) // self.num_replicas
-        return iter(
-            rest[self.rank : per_rank * self.num_replicas : self.num_replicas].tolist()
-        )
+        return iter(rest[self.rank : per_rank * self.num_replicas : self.num_replicas].tolist())
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -88,9 +80,7 @@ class ResumableSampler(DistributedSampler):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.skip = state["epoch"], state["consumed"]
-        if (
-            self.skip >= self.total_size
-        ):  # saved at the end of an epoch: the next one starts afresh
+        if self.skip >= self.total_size:  # saved at the end of an epoch: the next one starts afresh
             self.epoch, self.skip = self.epoch + 1, 0
 
 
@@ -105,9 +95,7 @@ class ResumableTraining:
     _train_sampler: ResumableSampler | None = None
     _resume_from: dict[str, int] | None = None
 
-    def resumable_sampler(
-        self, population: int, num_samples: int | None = None, replacement: bool = True
-    ) -> ResumableSampler:
+    def resumable_sampler(self, population: int, num_samples: int | None = None, replacement: bool = True) -> ResumableSampler:
         """The training sampler, sharded over the trainer's devices; needs ``self.seed`` and ``self.batch_size``."""
         trainer = self.trainer
         sampler = ResumableSampler(

@@ -23,9 +23,7 @@ EMBEDDED_CORPUS = Path(__file__).parent / "corpus" / "python_reference.txt"
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SIZE = 100_000_000
-ENWIK8_MD5 = (
-    "a1fa5ffddb56f4953e226637dabbb36a"  # published at mattmahoney.net/dc/textdata.html
-)
+ENWIK8_MD5 = "a1fa5ffddb56f4953e226637dabbb36a"  # published at mattmahoney.net/dc/textdata.html
 
 
 class ByteWindows(Dataset):
@@ -46,9 +44,7 @@ class ByteWindows(Dataset):
         if self._bytes is None:
             self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r")
         start = self.starts[i]
-        return torch.from_numpy(
-            self._bytes[start : start + self.seq_len + 1].astype(np.int64)
-        )
+        return torch.from_numpy(self._bytes[start : start + self.seq_len + 1].astype(np.int64))
 
 
 class ByteTextDataModule(ResumableTraining, L.LightningDataModule):
@@ -62,7 +58,7 @@ class ByteTextDataModule(ResumableTraining, L.LightningDataModule):
         seq_len: context length N; the model's ``seq_len`` is linked to it.
         split: fractions of the file for train, val, test, in file order.
         batch_size: windows per batch (per device).
-        samples_per_epoch: training windows per epoch; None means one pass worth (train bytes / seq_len).
+        samples_per_epoch: training windows per epoch over all devices; None means one pass worth (train bytes / seq_len).
         seed: seeds the training sampler, so a run's window sequence is reproducible (and resumable).
     """
 
@@ -78,22 +74,14 @@ class ByteTextDataModule(ResumableTraining, L.LightningDataModule):
     ):
         super().__init__()
         if abs(sum(split) - 1) > 1e-6 or min(split) < 0:
-            raise InputError(
-                f"data split {list(split)} must be three non-negative fractions summing to 1"
-            )
+            raise InputError(f"data split {list(split)} must be three non-negative fractions summing to 1")
         self.path = Path(path) if path else EMBEDDED_CORPUS
         self.seq_len, self.split, self.batch_size = seq_len, split, batch_size
-        self.samples_per_epoch, self.num_workers, self.seed = (
-            samples_per_epoch,
-            num_workers,
-            seed,
-        )
+        self.samples_per_epoch, self.num_workers, self.seed = samples_per_epoch, num_workers, seed
 
     def setup(self, stage: str | None = None) -> None:
         if not self.path.is_file():
-            raise InputError(
-                f"data file {self.path} not found; give data.init_args.path a file of raw bytes"
-            )
+            raise InputError(f"data file {self.path} not found; give data.init_args.path a file of raw bytes")
         size = self.path.stat().st_size
         cuts = np.cumsum([0, *self.split])
         b = [round(c * size) for c in cuts]
@@ -108,14 +96,8 @@ class ByteTextDataModule(ResumableTraining, L.LightningDataModule):
                 )
 
     def train_dataloader(self) -> DataLoader:
-        n = self.samples_per_epoch or max(
-            len(self.train) // self.seq_len, self.batch_size
-        )
-        return self._loader(
-            self.train,
-            sampler=self.resumable_sampler(len(self.train), n),
-            drop_last=True,
-        )
+        n = self.samples_per_epoch or max(len(self.train) // self.seq_len, self.batch_size)
+        return self._loader(self.train, sampler=self.resumable_sampler(len(self.train), n), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val)
@@ -142,9 +124,7 @@ class Enwik8DataModule(ByteTextDataModule):
     """
 
     def __init__(self, root: str = "datasets/enwik8", download: bool = False, **kwargs):
-        super().__init__(
-            path=str(Path(root) / "enwik8"), split=(0.9, 0.05, 0.05), **kwargs
-        )
+        super().__init__(path=str(Path(root) / "enwik8"), split=(0.9, 0.05, 0.05), **kwargs)
         self.download = download
 
     def prepare_data(self) -> None:
@@ -162,15 +142,11 @@ class Enwik8DataModule(ByteTextDataModule):
 def verify_enwik8(path: Path) -> None:
     size = path.stat().st_size
     if size != ENWIK8_SIZE:
-        raise InputError(
-            f"{path} has {size} bytes, enwik8 has {ENWIK8_SIZE}: delete it and download again"
-        )
+        raise InputError(f"{path} has {size} bytes, enwik8 has {ENWIK8_SIZE}: delete it and download again")
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "md5").hexdigest()
     if digest != ENWIK8_MD5:
-        raise InputError(
-            f"{path} has md5 {digest}, enwik8 has {ENWIK8_MD5}: delete it and download again"
-        )
+        raise InputError(f"{path} has md5 {digest}, enwik8 has {ENWIK8_MD5}: delete it and download again")
 
 
 def prepare_enwik8(root: Path) -> Path:

@@ -20,15 +20,10 @@ def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str) -> str:
     """
     if ckpt_path != "last":
         return ckpt_path
-    callbacks = [
-        c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
-    ]
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     found = [Path(p) for c in callbacks for p in c._find_last_checkpoints(trainer)]
     if not found:
-        dirs = (
-            ", ".join(str(c.dirpath) for c in callbacks if c.dirpath)
-            or "none configured"
-        )
+        dirs = ", ".join(str(c.dirpath) for c in callbacks if c.dirpath) or "none configured"
         raise InputError(
             f"--ckpt_path last: no last.ckpt in the ModelCheckpoint folder ({dirs}); resuming needs a "
             "ModelCheckpoint with save_last: true and a fixed dirpath, or give the checkpoint's path"
@@ -44,14 +39,8 @@ def check_resumable(path: str, module: L.LightningModule) -> None:
         # mmap: the tensors are not read, so checking a multi-GB checkpoint costs nothing.
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:  # truncated zip, not a torch file, ...: the same to a user
-        raise InputError(
-            f"checkpoint {path} is not a readable checkpoint ({type(e).__name__})"
-        ) from e
-    if (
-        not isinstance(ckpt, dict)
-        or "state_dict" not in ckpt
-        or "optimizer_states" not in ckpt
-    ):
+        raise InputError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer_states" not in ckpt:
         raise InputError(
             f"checkpoint {path} has no training state (state_dict and optimizer); resume from one written by train.py"
         )
@@ -60,19 +49,11 @@ def check_resumable(path: str, module: L.LightningModule) -> None:
     if theirs == ours:
         return
     saved, current = ckpt.get("hyper_parameters", {}), dict(module.hparams)
-    differ = [
-        k for k in current if k in saved and _plain(saved[k]) != _plain(current[k])
-    ]
+    differ = [k for k in current if k in saved and _plain(saved[k]) != _plain(current[k])]
     if differ:
-        what = "; ".join(
-            f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in differ
-        )
+        what = "; ".join(f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in differ)
     else:
-        key = next(
-            k
-            for k in sorted(ours.keys() | theirs.keys())
-            if ours.get(k) != theirs.get(k)
-        )
+        key = next(k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k))
         what = f"{key}: checkpoint {theirs.get(key, 'missing')}, model {ours.get(key, 'missing')}"
     raise InputError(f"checkpoint {path} does not match the configured model ({what})")
 

@@ -17,17 +17,13 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     QK^T and AV, where the keys are those of the non-zero tiles of each head's layout (so a sparse pattern
     is credited with the work it does, not with dense attention's). Training is 3x this (forward, backward).
     """
-    flops = sum(
-        2.0 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)
-    )
+    flops = sum(2.0 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     for m in model.modules():
         if isinstance(m, CausalSelfAttention):
             block = m.block_size
             nb = -(-seq_len // block)
             tiles = m.layout[:, :nb, :nb].sum().item()  # over heads
-            keys = (
-                tiles * block * block / (nb * block)
-            )  # keys per query, summed over heads
+            keys = tiles * block * block / (nb * block)  # keys per query, summed over heads
             flops += 2 * 2 * (m.qkv.in_features // m.n_heads) * keys
     return flops
 
@@ -50,25 +46,17 @@ class TokenThroughputMonitor(ThroughputMonitor):
         )
         self._per_token: dict[int, float] = {}  # seq_len -> forward FLOPs per token
 
-    def _set_flops(
-        self, pl_module: L.LightningModule, batch: torch.Tensor, passes: int
-    ) -> None:
+    def _set_flops(self, pl_module: L.LightningModule, batch: torch.Tensor, passes: int) -> None:
         n = batch.shape[1] - 1
         if n not in self._per_token:
             self._per_token[n] = model_flops_per_token(pl_module.model, n)
-        pl_module.flops_per_batch = (
-            passes * self._per_token[n] * _predicted_tokens(batch)
-        )
+        pl_module.flops_per_batch = passes * self._per_token[n] * _predicted_tokens(batch)
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
         self._set_flops(pl_module, batch, passes=3)  # forward + backward
         super().on_train_batch_end(trainer, pl_module, outputs, batch, *args)
 
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args
-    ) -> None:
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
         self._set_flops(pl_module, batch, passes=1)
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args)
 

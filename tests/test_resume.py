@@ -24,20 +24,14 @@ def test_sampler_order_is_fixed_by_seed_and_epoch_and_shards_cover_it():
     later = ResumableSampler(1000, 24, seed=3)
     later.set_epoch(1)
     assert list(later) != whole
-    ranks = [
-        list(ResumableSampler(1000, 24, seed=3, num_replicas=2, rank=r)) for r in (0, 1)
-    ]
-    assert [
-        i for pair in zip(*ranks) for i in pair
-    ] == whole  # rank r takes every other index
+    ranks = [list(ResumableSampler(1000, 24, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert [i for pair in zip(*ranks) for i in pair] == whole  # rank r takes every other index
 
 
 def test_sampler_skips_what_was_consumed_even_on_another_number_of_devices():
     whole = list(ResumableSampler(50, 24, seed=0, replacement=False))
     assert len(set(whole)) == 24  # a permutation
-    resumed = ResumableSampler(
-        50, 24, seed=0, replacement=False, num_replicas=3, rank=1
-    )
+    resumed = ResumableSampler(50, 24, seed=0, replacement=False, num_replicas=3, rank=1)
     resumed.load_state_dict({"epoch": 0, "consumed": 6})
     assert list(resumed) == whole[6:][1::3]
     resumed.set_epoch(1)  # the skip belongs to the resumed epoch only
@@ -66,12 +60,8 @@ class Recorder(L.Callback):
 def fit(tmp_path, recorder, num_workers=0, ckpt_path=None):
     L.seed_everything(0)
     pattern = AttentionPattern("dense", block_size=8)
-    module = SparseTransformerLM(
-        seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks"
-    )
-    data = ByteTextDataModule(
-        seq_len=16, batch_size=2, samples_per_epoch=8, num_workers=num_workers
-    )  # 4 steps/epoch
+    module = SparseTransformerLM(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks")
+    data = ByteTextDataModule(seq_len=16, batch_size=2, samples_per_epoch=8, num_workers=num_workers)  # 4 steps/epoch
     trainer = L.Trainer(
         max_steps=12,
         accelerator="cpu",
@@ -93,9 +83,7 @@ def fit(tmp_path, recorder, num_workers=0, ckpt_path=None):
     [(3, 0), (5, 0), (7, 2)],
     ids=["epoch0", "epoch-end", "epoch1-workers"],
 )
-def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(
-    tmp_path, crash_at, num_workers
-):
+def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(tmp_path, crash_at, num_workers):
     whole = Recorder()
     _, reference = fit(tmp_path / "whole", whole)
     first, then = Recorder(crash_at), Recorder()
@@ -108,14 +96,10 @@ def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(
         ckpt_path=str(tmp_path / "run" / "last.ckpt"),
     )
     saved = crash_at - crash_at % 2  # checkpoints every 2 steps
-    assert [step for step, _ in then.seen] == list(
-        range(saved, 12)
-    )  # no step repeated or lost
+    assert [step for step, _ in then.seen] == list(range(saved, 12))  # no step repeated or lost
     assert first.seen[:saved] + then.seen == whole.seen
     assert trainer.global_step == 12
-    torch.testing.assert_close(
-        resumed.state_dict(), reference.state_dict(), rtol=0, atol=0
-    )
+    torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0)
 
 
 def train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -143,18 +127,12 @@ trainer:
         str(overlay),
         *args,
     ]
-    return subprocess.run(
-        command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    return subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def logged_losses(csv_dir: Path) -> dict[int, str]:
     with (csv_dir / "metrics.csv").open() as f:
-        return {
-            int(row["step"]): row["train_bpb_step"]
-            for row in csv.DictReader(f)
-            if row["train_bpb_step"]
-        }
+        return {int(row["step"]): row["train_bpb_step"] for row in csv.DictReader(f) if row["train_bpb_step"]}
 
 
 @pytest.mark.slow
@@ -166,16 +144,12 @@ def test_kill_9_then_resume_from_last_matches_an_uninterrupted_run(tmp_path):
         "--trainer.callbacks+=tests.killer.KillAtStep",
         "--trainer.callbacks.step=7",
     )
-    assert (
-        crashed.returncode == -9
-    )  # killed after the checkpoint of step 6, one step into the next
+    assert crashed.returncode == -9  # killed after the checkpoint of step 6, one step into the next
     resumed = train(tmp_path / "run", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected = logged_losses(tmp_path / "whole" / "csv" / "version_0")
-    after_resume = logged_losses(
-        tmp_path / "run" / "csv" / "version_1"
-    )  # the killed run never flushed its log
+    after_resume = logged_losses(tmp_path / "run" / "csv" / "version_1")  # the killed run never flushed its log
     assert sorted(after_resume) == [
         6,
         7,
@@ -183,14 +157,7 @@ def test_kill_9_then_resume_from_last_matches_an_uninterrupted_run(tmp_path):
         9,
     ]  # continues at step 6: nothing repeated, nothing lost
     assert after_resume == {step: expected[step] for step in after_resume}
-    final = [
-        torch.load(p / "checkpoints" / "last.ckpt", weights_only=True)
-        for p in (tmp_path / "whole", tmp_path / "run")
-    ]
+    final = [torch.load(p / "checkpoints" / "last.ckpt", weights_only=True) for p in (tmp_path / "whole", tmp_path / "run")]
     assert final[0]["global_step"] == final[1]["global_step"] == 10
-    torch.testing.assert_close(
-        final[1]["state_dict"], final[0]["state_dict"], rtol=0, atol=0
-    )
-    torch.testing.assert_close(
-        final[1]["optimizer_states"], final[0]["optimizer_states"], rtol=0, atol=0
-    )
+    torch.testing.assert_close(final[1]["state_dict"], final[0]["state_dict"], rtol=0, atol=0)
+    torch.testing.assert_close(final[1]["optimizer_states"], final[0]["optimizer_states"], rtol=0, atol=0)
