@@ -6,6 +6,7 @@ Everything is configured through LightningCLI: ``--print_config`` shows every op
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from typing import NoReturn
@@ -26,6 +27,11 @@ class OneLineErrorParser(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         detail = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        # A bad value under a class_path (data: ...) comes wrapped in every Union alternative; keep the cause.
+        if inner := re.search(
+            r"^Parser key \"([^\"]+)\".*?Problem with given class_path '([^']+)': (.*?)(?: - Expected a|$)", detail
+        ):
+            detail = f"{inner[1]} ({inner[2]}): {inner[3]}"
         print(f"error: {detail} (see --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -33,6 +39,11 @@ class OneLineErrorParser(LightningArgumentParser):
 class SparseTransformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's settings with the checkpoint's; for fit we check they match instead."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` resumes from the run's last.ckpt; any checkpoint is checked before restoring."""
