@@ -14,8 +14,9 @@ from typing import NoReturn
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from sparse_transformer.errors import run_cli
+from sparse_transformer.errors import InputError, run_cli
 from sparse_transformer.lightning_module import SparseTransformerLM
 from sparse_transformer.resume import check_resumable, resolve_ckpt_path
 
@@ -39,6 +40,13 @@ class OneLineErrorParser(LightningArgumentParser):
 class SparseTransformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning checks accelerator, strategy, devices and precision here; a refusal is a bad config."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as e:
+            raise InputError(f"trainer: {' '.join(str(e).split())}") from e
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model's settings with the checkpoint's; for fit we check they match instead."""
