@@ -37,7 +37,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
     ``flops_per_batch`` that ThroughputMonitor reads.
     """
 
-    def __init__(self, window_size: int = 50, separator: str = "|"):
+    def __init__(self, window_size: int = 20, separator: str = "|"):
         super().__init__(
             batch_size_fn=len,
             length_fn=_predicted_tokens,
