@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 import torch
 
 from data.text import ByteTextDataModule
@@ -15,15 +14,6 @@ PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="split")
 def deep(**kwargs) -> SparseTransformerLM:
     args = dict(seq_len=32, d_model=16, n_layers=64, n_heads=2, pattern=PATTERN, backend="blocks")
     return SparseTransformerLM(**{**args, **kwargs})
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matrices in 64 layers: thread start-up costs more than the work, and shared CI cores thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_64_layers_train_without_nan_and_the_loss_falls(one_thread):

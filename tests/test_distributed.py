@@ -1,6 +1,7 @@
 """Data parallel training through the real CLI: DDP with 2 CPU processes (gloo); the FSDP overlay's CPU refusal."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ trainer:
       init_args: {{dirpath: {tmp_path}/checkpoints, every_n_train_steps: 2, save_last: true}}
 """)
     command = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--config", str(overlay)]
-    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: 2 processes on a 2-core box
+    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stderr + result.stdout
 

@@ -1,6 +1,7 @@
 """Resuming continues the same run: same step, optimizer, schedule and data position, even after kill -9."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def fit(tmp_path, recorder, num_workers=0, ckpt_path=None):
     [(3, 0), (5, 0), (7, 2)],
     ids=["epoch0", "epoch-end", "epoch1-workers"],
 )
-def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(tmp_path, crash_at, num_workers):
+def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(tmp_path, crash_at, num_workers, one_thread):
     whole = Recorder()
     _, reference = fit(tmp_path / "whole", whole)
     first, then = Recorder(crash_at), Recorder()
@@ -127,7 +128,8 @@ trainer:
         str(overlay),
         *args,
     ]
-    return subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread is fastest, and deterministic
+    return subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def logged_losses(csv_dir: Path) -> dict[int, str]:

@@ -22,7 +22,7 @@ def test_flops_count_linear_layers_and_the_attended_tiles():
     assert model_flops_per_token(local, n) == linear + 2 * 2 * d * (2 * b * (n // b) - b) / (n // b)
 
 
-def test_monitor_logs_tokens_per_second(tmp_path):
+def test_monitor_logs_tokens_per_second(tmp_path, one_thread):
     pattern = AttentionPattern("dense", block_size=8)
     module = SparseTransformerLM(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks")
     data = ByteTextDataModule(seq_len=16, batch_size=2, samples_per_epoch=12)
