@@ -45,8 +45,8 @@ def check_resumable(path: str, module: L.LightningModule) -> None:
     if not Path(path).is_file():
         raise InputError(f"checkpoint {path} not found")
     try:
-        # mmap: the tensors are not read, so checking a multi-GB checkpoint costs nothing.
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        # mmap: the tensors are not read, so checking a multi-GB checkpoint costs nothing; weights_only: no code runs.
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, ...: the same to a user
         raise InputError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer_states" not in ckpt:
