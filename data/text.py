@@ -12,8 +12,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from data.sampler import ResumableTraining
 from sparse_transformer.errors import InputError
 from sparse_transformer.modality import TEXT
 
@@ -47,7 +48,7 @@ class ByteWindows(Dataset):
         return torch.from_numpy(self._bytes[start : start + self.seq_len + 1].astype(np.int64))
 
 
-class ByteTextDataModule(L.LightningDataModule):
+class ByteTextDataModule(ResumableTraining, L.LightningDataModule):
     """Next-byte modelling on a file of raw bytes, split by position into train / val / test.
 
     Training draws random windows (with replacement, so an epoch costs nothing to set up on 100 MB);
@@ -58,8 +59,8 @@ class ByteTextDataModule(L.LightningDataModule):
         seq_len: context length N; the model's ``seq_len`` is linked to it.
         split: fractions of the file for train, val, test, in file order.
         batch_size: windows per batch (per device).
-        samples_per_epoch: training windows per epoch; None means one pass worth (train bytes / seq_len).
-        seed: seeds the training sampler, so a run's window sequence is reproducible.
+        samples_per_epoch: training windows per epoch over all devices; None means one pass worth (train bytes / seq_len).
+        seed: seeds the training sampler, so a run's window sequence is reproducible (and resumable).
     """
 
     modality = TEXT
@@ -99,9 +100,7 @@ class ByteTextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         n = self.samples_per_epoch or max(len(self.train) // self.seq_len, self.batch_size)
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(self.train, replacement=True, num_samples=n, generator=generator)
-        return self._loader(self.train, sampler=sampler, drop_last=True)
+        return self._loader(self.train, sampler=self.resumable_sampler(len(self.train), n), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val)

@@ -1,0 +1,165 @@
+"""Resuming continues the same run: same step, optimizer, schedule and data position, even after kill -9."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from data.sampler import ResumableSampler
+from data.text import ByteTextDataModule
+from sparse_transformer.lightning_module import SparseTransformerLM
+from sparse_transformer.patterns import AttentionPattern
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sampler_order_is_fixed_by_seed_and_epoch_and_shards_cover_it():
+    whole = list(ResumableSampler(1000, 24, seed=3))
+    assert whole == list(ResumableSampler(1000, 24, seed=3)) and len(whole) == 24
+    later = ResumableSampler(1000, 24, seed=3)
+    later.set_epoch(1)
+    assert list(later) != whole
+    ranks = [list(ResumableSampler(1000, 24, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert [i for pair in zip(*ranks) for i in pair] == whole  # rank r takes every other index
+
+
+def test_sampler_skips_what_was_consumed_even_on_another_number_of_devices():
+    whole = list(ResumableSampler(50, 24, seed=0, replacement=False))
+    assert len(set(whole)) == 24  # a permutation
+    resumed = ResumableSampler(50, 24, seed=0, replacement=False, num_replicas=3, rank=1)
+    resumed.load_state_dict({"epoch": 0, "consumed": 6})
+    assert list(resumed) == whole[6:][1::3]
+    resumed.set_epoch(1)  # the skip belongs to the resumed epoch only
+    assert len(list(resumed)) == 8
+    at_end = ResumableSampler(50, 24, seed=0)
+    at_end.load_state_dict({"epoch": 2, "consumed": 24})
+    assert (at_end.epoch, at_end.skip) == (3, 0)
+
+
+class Crash(Exception):
+    pass
+
+
+class Recorder(L.Callback):
+    """Records (step, first window start) for each training batch; optionally crashes before ``crash_at``."""
+
+    def __init__(self, crash_at: int | None = None):
+        self.seen, self.crash_at = [], crash_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.crash_at:
+            raise Crash
+        self.seen.append((trainer.global_step, batch[:, :4].tolist()))
+
+
+def fit(tmp_path, recorder, num_workers=0, ckpt_path=None):
+    L.seed_everything(0)
+    pattern = AttentionPattern("dense", block_size=8)
+    module = SparseTransformerLM(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks")
+    data = ByteTextDataModule(seq_len=16, batch_size=2, samples_per_epoch=8, num_workers=num_workers)  # 4 steps/epoch
+    trainer = L.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[
+            recorder,
+            ModelCheckpoint(tmp_path, every_n_train_steps=2, save_last=True),
+        ],
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+@pytest.mark.parametrize(
+    "crash_at,num_workers",
+    [(3, 0), (5, 0), (7, 2)],
+    ids=["epoch0", "epoch-end", "epoch1-workers"],
+)
+def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(tmp_path, crash_at, num_workers, one_thread):
+    whole = Recorder()
+    _, reference = fit(tmp_path / "whole", whole)
+    first, then = Recorder(crash_at), Recorder()
+    with pytest.raises(Crash):
+        fit(tmp_path / "run", first)
+    trainer, resumed = fit(
+        tmp_path / "run",
+        then,
+        num_workers,
+        ckpt_path=str(tmp_path / "run" / "last.ckpt"),
+    )
+    saved = crash_at - crash_at % 2  # checkpoints every 2 steps
+    assert [step for step, _ in then.seen] == list(range(saved, 12))  # no step repeated or lost
+    assert first.seen[:saved] + then.seen == whole.seen
+    assert trainer.global_step == 12
+    torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
+def train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """tiny.yaml for 10 steps (8 per epoch), a checkpoint every 2 steps in a fixed folder, metrics to CSV."""
+    tmp_path.mkdir(exist_ok=True)
+    overlay = tmp_path / "resume.yaml"
+    overlay.write_text(f"""
+trainer:
+  max_steps: 10
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {tmp_path}, name: csv}}
+  callbacks:
+    - class_path: sparse_transformer.callbacks.NonFiniteLossGuard
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {tmp_path}/checkpoints, every_n_train_steps: 2, save_last: true}}
+""")
+    command = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        str(overlay),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread is fastest, and deterministic
+    return subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def logged_losses(csv_dir: Path) -> dict[int, str]:
+    with (csv_dir / "metrics.csv").open() as f:
+        return {int(row["step"]): row["train_bpb_step"] for row in csv.DictReader(f) if row["train_bpb_step"]}
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_from_last_matches_an_uninterrupted_run(tmp_path):
+    whole = train(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    crashed = train(
+        tmp_path / "run",
+        "--trainer.callbacks+=tests.killer.KillAtStep",
+        "--trainer.callbacks.step=7",
+    )
+    assert crashed.returncode == -9  # killed after the checkpoint of step 6, one step into the next
+    resumed = train(tmp_path / "run", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = logged_losses(tmp_path / "whole" / "csv" / "version_0")
+    after_resume = logged_losses(tmp_path / "run" / "csv" / "version_1")  # the killed run never flushed its log
+    assert sorted(after_resume) == [
+        6,
+        7,
+        8,
+        9,
+    ]  # continues at step 6: nothing repeated, nothing lost
+    assert after_resume == {step: expected[step] for step in after_resume}
+    final = [torch.load(p / "checkpoints" / "last.ckpt", weights_only=True) for p in (tmp_path / "whole", tmp_path / "run")]
+    assert final[0]["global_step"] == final[1]["global_step"] == 10
+    torch.testing.assert_close(final[1]["state_dict"], final[0]["state_dict"], rtol=0, atol=0)
+    torch.testing.assert_close(final[1]["optimizer_states"], final[0]["optimizer_states"], rtol=0, atol=0)
