@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import soundfile
 import torch
 import torchaudio.functional as AF
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 
+from data.sequences import SequenceDataModule
 from sparse_transformer.errors import InputError
 from sparse_transformer.modality import START, Modality, audio_modality, mu_law_encode
 
@@ -53,7 +53,7 @@ class AudioWindows(Dataset):
         return torch.cat([torch.tensor([START]), codes])
 
 
-class AudioFolderDataModule(L.LightningDataModule):
+class AudioFolderDataModule(SequenceDataModule):
     """A folder of WAV / FLAC files (searched recursively), split by file into train and val.
 
     Training draws windows at random positions with replacement (seeded); validation and test read
@@ -117,23 +117,5 @@ class AudioFolderDataModule(L.LightningDataModule):
                     f"samples at {self.sample_rate} Hz"
                 )
 
-    def train_dataloader(self) -> DataLoader:
-        n = self.samples_per_epoch or max(len(self.train) // self.seq_len, self.batch_size)
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(self.train, replacement=True, num_samples=n, generator=generator)
-        return self._loader(self.train, sampler=sampler, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test)
-
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+    def epoch_size(self) -> int:
+        return len(self.train) // self.seq_len  # one pass worth of audio

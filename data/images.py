@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 
+from data.sequences import SequenceDataModule
 from sparse_transformer.errors import InputError
 from sparse_transformer.modality import START, Modality, image_modality, image_to_bytes
 
@@ -90,7 +90,7 @@ def find_images(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     return files
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(SequenceDataModule):
     """Base for image DataModules: subclasses set ``self.train``, ``self.val``, ``self.test`` in ``setup``
     (:class:`ImageBytes` datasets, so ``dm.val[i]`` is the sequence the model reads).
 
@@ -129,27 +129,6 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def modality(self) -> Modality:
         return image_modality(self.shape)
-
-    def train_dataloader(self) -> DataLoader:
-        n = self.samples_per_epoch or max(len(self.train), self.batch_size)
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(self.train, replacement=True, num_samples=n, generator=generator)
-        return self._loader(self.train, sampler=sampler, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test)
-
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
 
 
 class ImageFolderDataModule(ImageDataModule):

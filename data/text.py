@@ -9,12 +9,11 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data.sampler import ResumableTraining
+from data.sequences import SequenceDataModule
 from sparse_transformer.errors import InputError
 from sparse_transformer.modality import TEXT
 
@@ -48,7 +47,7 @@ class ByteWindows(Dataset):
         return torch.from_numpy(self._bytes[start : start + self.seq_len + 1].astype(np.int64))
 
 
-class ByteTextDataModule(ResumableTraining, L.LightningDataModule):
+class ByteTextDataModule(SequenceDataModule):
     """Next-byte modelling on a file of raw bytes, split by position into train / val / test.
 
     Training draws random windows (with replacement, so an epoch costs nothing to set up on 100 MB);
@@ -98,24 +97,8 @@ class ByteTextDataModule(ResumableTraining, L.LightningDataModule):
                     f"seq_len + 1 = {self.seq_len + 1} bytes"
                 )
 
-    def train_dataloader(self) -> DataLoader:
-        n = self.samples_per_epoch or max(len(self.train) // self.seq_len, self.batch_size)
-        return self._loader(self.train, sampler=self.resumable_sampler(len(self.train), n), drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test)
-
-    def _loader(self, dataset: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+    def epoch_size(self) -> int:
+        return len(self.train) // self.seq_len  # one pass worth of bytes
 
 
 class Enwik8DataModule(ByteTextDataModule):
