@@ -20,6 +20,22 @@ def test_config_builds(config):
     assert sum(isinstance(m, Block) for m in model.model.modules()) == model.hparams.n_layers
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_guards_checkpoints_and_measures(config):
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in trainer["callbacks"]}
+    for name in ("NonFiniteLossGuard", "ModelCheckpoint", "LearningRateMonitor", "TokenThroughputMonitor"):
+        assert name in callbacks, f"{config.name} lacks {name}"
+    assert [p["class_path"].rsplit(".", 1)[1] for p in trainer["plugins"]] == ["AtomicCheckpointIO"]
+    cli = train.main(["--config", str(config), "--trainer.accelerator", "cpu"], run=False)
+    assert callbacks["ModelCheckpoint"]["save_last"] and callbacks["ModelCheckpoint"]["monitor"] == f"val_{cli.model.unit}"
+    if "tiny" not in config.stem:  # what users run: a fixed checkpoint folder for --ckpt_path last, both loggers
+        assert callbacks["ModelCheckpoint"]["dirpath"] == f"{trainer['default_root_dir']}/checkpoints"
+        assert "RichProgressBar" in callbacks
+        loggers = {lg["class_path"].rsplit(".", 1)[1] for lg in trainer["logger"]}
+        assert loggers == {"TensorBoardLogger", "CSVLogger"}
+
+
 def test_the_paper_enwik8_setup():
     cli = train.main(["--config", str(CONFIGS[0].parent / "enwik8.yaml"), "--trainer.accelerator", "cpu"], run=False)
     hp, pattern = cli.model.hparams, cli.config.model.pattern
