@@ -1,7 +1,5 @@
 """Images and audio end to end through the real command lines: train the tiny configs, sample, bad input."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +9,9 @@ import torch
 from PIL import Image
 
 import train
+from commands import ROOT, one_error_line, run
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return errors[0]
 
 
 def train_tiny(config: str, data: Path, out: Path) -> Path:
