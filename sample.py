@@ -27,6 +27,9 @@ def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTran
         raise InputError(f"checkpoint {ckpt} not found")
     try:
         module = SparseTransformerLM.load_from_checkpoint(ckpt, map_location=device, **({"backend": backend} if backend else {}))
+    except RuntimeError as e:  # the weights do not fit the configuration the checkpoint records
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
+        raise InputError(f"checkpoint {ckpt} does not match the model it describes ({detail})") from e
     except Exception as e:  # pickle, zip and key errors all mean the same thing to a user
         raise InputError(f"checkpoint {ckpt} is not a readable Sparse Transformer checkpoint ({type(e).__name__})") from e
     return module.eval()

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from commands import ROOT, one_error_line, run
@@ -22,7 +23,6 @@ def checkpoint(tmp_path_factory) -> Path:
 def test_fit_writes_checkpoints_and_metrics(checkpoint):
     files = {p.name for p in checkpoint.parent.iterdir()}
     assert "last.ckpt" in files and any(f.startswith("epoch=") for f in files)
-    import torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
@@ -86,6 +86,15 @@ def test_sample_refuses_missing_or_corrupt_checkpoint(tmp_path):
     result = run("sample.py", "--ckpt", str(bad))
     assert result.returncode == 2 and "is not a readable Sparse Transformer checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sample_refuses_a_checkpoint_whose_weights_do_not_fit_its_config(checkpoint, tmp_path):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["n_layers"] = 3  # the weights are of 2 layers
+    torch.save(state, tmp_path / "mismatched.ckpt")
+    error = one_error_line(run("sample.py", "--ckpt", str(tmp_path / "mismatched.ckpt")))
+    assert error.startswith(f"error: checkpoint {tmp_path / 'mismatched.ckpt'} does not match the model it describes (")
+    assert "model.blocks.2" in error
 
 
 def test_print_config_shows_the_resolved_options():
