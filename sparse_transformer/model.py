@@ -9,8 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_transformer.attention import CausalSelfAttention
+from sparse_transformer.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig
+from sparse_transformer.attention import AttentionKind, check_attention, make_attention
 from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.performer import PerformerAttention, PerformerConfig
 
 
 class PositionalEmbedding(nn.Module):
@@ -47,10 +49,22 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-activation residual block (section 5.2): x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, layout: torch.Tensor, block_size: int, backend: str):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float,
+        layout: torch.Tensor,
+        block_size: int,
+        backend: str,
+        attention: AttentionKind = "sparse",
+        performer: PerformerConfig = PerformerConfig(),
+        adaptive_span: AdaptiveSpanConfig = AdaptiveSpanConfig(),
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, layout, block_size, backend)
+        self.attn = make_attention(attention, d_model, n_heads, layout, block_size, backend, performer, adaptive_span)
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
@@ -68,6 +82,9 @@ class SparseTransformer(nn.Module):
         shape: axes of the factorized positional embedding (product must be ``seq_len``); None for 1-D.
         recompute: recompute each block's activations in the backward pass instead of storing them,
             trading about a third more compute for memory that no longer grows with depth.
+        attention: ``sparse`` (the pattern, computed by ``backend``), ``performer`` (FAVOR+, dense pattern
+            only) or ``adaptive_span`` (learned spans on top of the pattern); options in ``performer`` and
+            ``adaptive_span``.
     """
 
     def __init__(
@@ -83,19 +100,34 @@ class SparseTransformer(nn.Module):
         backend: str = "auto",
         shape: tuple[int, ...] | None = None,
         recompute: bool = False,
+        attention: AttentionKind = "sparse",
+        performer: PerformerConfig = PerformerConfig(),
+        adaptive_span: AdaptiveSpanConfig = AdaptiveSpanConfig(),
     ):
         super().__init__()
         shape = tuple(shape) if shape else (seq_len,)
         if math.prod(shape) != seq_len:
             raise ValueError(f"positional shape {list(shape)} does not multiply to seq_len={seq_len}")
         pattern.check(seq_len)
+        check_attention(attention, pattern, backend)
         self.seq_len, self.block_size, self.recompute = seq_len, pattern.block_size, recompute
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = PositionalEmbedding(shape, d_model)
         self.drop = nn.Dropout(dropout)
         d_ff = int(ffn_mult * d_model)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_ff, dropout, pattern.layout(n_heads, seq_len, layer), pattern.block_size, backend)
+            Block(
+                d_model,
+                n_heads,
+                d_ff,
+                dropout,
+                pattern.layout(n_heads, seq_len, layer),
+                pattern.block_size,
+                backend,
+                attention,
+                performer,
+                adaptive_span,
+            )
             for layer in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
@@ -130,3 +162,17 @@ class SparseTransformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Sum of the adaptive-span penalties (0 without any), to be added to the training loss."""
+        penalties = [m.span_penalty() for m in self.modules() if isinstance(m, AdaptiveSpanAttention)]
+        return torch.stack(penalties).sum() if penalties else self.head.weight.new_zeros(())
+
+    def before_train_step(self, step: int) -> None:
+        """Per-step upkeep, called before training step ``step``: FAVOR+ redraws its features when due,
+        adaptive spans return to [0, max_span] after the previous optimizer step."""
+        for m in self.modules():
+            if isinstance(m, PerformerAttention):
+                m.maybe_redraw(step)
+            elif isinstance(m, AdaptiveSpanAttention):
+                m.clamp_spans()
