@@ -91,7 +91,7 @@ def test_causal():
     assert torch.equal(y[:, :29], y2[:, :29]) and not torch.allclose(y[:, 29], y2[:, 29])
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 def test_penalty_is_added_to_the_training_loss_and_spans_are_logged():
     torch.manual_seed(0)
     config = AdaptiveSpanConfig(max_span=32, ramp=4, init=0.25, penalty=0.01)
