@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from sparse_transformer.errors import InputError
@@ -51,6 +52,27 @@ def test_chunking_does_not_change_the_result(chunk):
     weights = (phi[0] @ phi[1].transpose(-1, -2)).tril()  # the quadratic form FAVOR+ avoids, (B, H, N, N)
     expected = weights @ v / weights.sum(-1, keepdim=True)
     torch.testing.assert_close(favor_causal(q, k, v, w, chunk).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_n_by_n_matrix_forward_or_backward():
+    n, m, d, chunk = 1024, 16, 16, 64
+    q, k, v = (x.requires_grad_() for x in qkv(n=n, d=d, dtype=torch.float32))
+    with LargestTensor() as mode:
+        favor_causal(q, k, v, orthogonal_gaussian(m, d), chunk).sum().backward()
+    assert mode.largest <= 4 * n * max(m, d, chunk) < n * n  # (B, H, N, m) or (B, H, N, D): O(N), never N x N
 
 
 def test_causal_even_when_a_later_input_is_huge():
