@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and the package live at the repository root
 
 import train  # noqa: E402
+from bench.attention import device_name  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
 
 CONFIG_KEYS = {"base", "common", "variants", "out", "root"}
@@ -151,13 +151,8 @@ def options_text(options: dict[str, Any]) -> str:
 
 
 def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path, command: str, started: str) -> str:
-    device = rows[0]["device"]
-    cuda = device.startswith("cuda")
-    where = (
-        torch.cuda.get_device_name()
-        if cuda
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    cuda = rows[0]["device"].startswith("cuda")
+    where = device_name(torch.device(rows[0]["device"]))
     memory = "peak CUDA MiB allocated" if cuda else "peak RSS growth MiB"
     lines = [
         f"# Variant comparison: {config_path.name} on {where}",
@@ -177,7 +172,7 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path
         )
     lines += [
         "",
-        "val bits/byte: one validation pass over the final weights (the base config's `limit_val_batches`). "
+        "val bits/byte: one validation pass over the final weights (`trainer.limit_val_batches` batches). "
         "train tokens/s: tokens of the timed training steps over their time (forward, backward, optimizer; "
         "data loading, validation and the first step excluded). "
         + (
