@@ -45,14 +45,14 @@ class SparseTransformerLM(L.LightningModule):
         backend: Literal["auto", "triton", "blocks", "flex", "reference"] = "auto",
         shape: list[int] | None = None,
         recompute: bool = False,
+        attention: Literal["sparse", "performer", "adaptive_span"] = "sparse",
+        performer: PerformerConfig = PerformerConfig(),
+        adaptive_span: AdaptiveSpanConfig = AdaptiveSpanConfig(),
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        attention: Literal["sparse", "performer", "adaptive_span"] = "sparse",
-        performer: PerformerConfig = PerformerConfig(),
-        adaptive_span: AdaptiveSpanConfig = AdaptiveSpanConfig(),
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -7,11 +7,12 @@ i.i.d. draws), redrawn every ``redraw_every`` training steps and kept as a buffe
 with the features it was validated with.
 
 Causal prefix sums run over chunks of ``chunk_size`` queries: inside a chunk a (C, C) masked product, across
-chunks the carried state; memory is O(N·m + m·D + C²) per head. Numerical stability (the paper subtracts
-max_f from the exponents): every query subtracts its own max over features, which cancels in the
-normaliser; keys subtract the running max over the features of the keys so far (a causal cummax, carried
-across chunks like online softmax), which also cancels exactly and never lets a later key change an earlier
-output. Feature maps and sums run in fp32 whatever the input dtype, so bf16/fp16 training is stable.
+chunks the carried state; memory is O(N·m + C² + m·D) per head (the backward keeps one (m, D) state per
+chunk, O(N/C·m·D)). Numerical stability (the paper subtracts max_f from the exponents): every query
+subtracts its own max over features, which cancels in the normaliser; keys subtract the running max over
+the features of the keys so far (a causal cummax, carried across chunks like online softmax), which also
+cancels exactly and never lets a later key change an earlier output. Feature maps and sums run in fp32
+whatever the input dtype, so bf16/fp16 training is stable.
 """
 
 from __future__ import annotations
