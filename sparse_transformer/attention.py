@@ -1,13 +1,23 @@
-"""Multi-head causal self-attention over a block-sparse pattern, with a pluggable backend."""
+"""Multi-head causal self-attention over a block-sparse pattern, with a pluggable backend.
+
+``make_attention`` picks a block's attention module from ``model.attention``: this block-sparse
+attention (``sparse``), FAVOR+ (``performer``) or adaptive span (``adaptive_span``).
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from sparse_transformer.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig
 from sparse_transformer.all_attention import PersistentMemory
+from sparse_transformer.errors import InputError
 from sparse_transformer.kernels import BACKENDS, get_backend
 from sparse_transformer.kv_cache import BlockKVCache
+from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.performer import PerformerAttention, PerformerConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,3 +86,46 @@ class CausalSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         return self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
+
+
+AttentionKind = Literal["sparse", "performer", "adaptive_span"]
+
+
+def check_attention(attention: str, pattern: AttentionPattern, backend: str, persistent_memory: int) -> None:
+    """Refuse combinations that make no sense, in one line naming the values."""
+    if attention not in ("sparse", "performer", "adaptive_span"):
+        raise InputError(f"model.attention={attention!r} is not one of sparse, performer, adaptive_span")
+    if attention != "sparse" and backend != "auto":
+        raise InputError(
+            f"model.backend={backend!r} picks a block-sparse kernel, which attention={attention!r} does not use; "
+            "leave backend: auto"
+        )
+    if attention == "performer" and pattern.kind != "dense":
+        raise InputError(
+            f"attention='performer' is global causal linear attention; pattern.kind={pattern.kind!r} cannot "
+            "restrict it (use pattern.kind: dense)"
+        )
+    if attention != "sparse" and persistent_memory:
+        raise InputError(
+            f"persistent_memory={persistent_memory} joins the block-sparse softmax; attention={attention!r} has none "
+            "(use attention: sparse, or persistent_memory: 0)"
+        )
+
+
+def make_attention(
+    attention: AttentionKind,
+    d_model: int,
+    n_heads: int,
+    layout: torch.Tensor,
+    block_size: int,
+    backend: str,
+    performer: PerformerConfig,
+    adaptive_span: AdaptiveSpanConfig,
+    persistent_memory: int = 0,
+) -> nn.Module:
+    """The attention module of one block; every kind maps ``(B, N, C) -> (B, N, C)``."""
+    if attention == "performer":
+        return PerformerAttention(d_model, n_heads, performer)
+    if attention == "adaptive_span":
+        return AdaptiveSpanAttention(d_model, n_heads, layout, block_size, adaptive_span)
+    return CausalSelfAttention(d_model, n_heads, layout, block_size, backend, persistent_memory)

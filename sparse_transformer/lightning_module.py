@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from sparse_transformer.adaptive_span import AdaptiveSpanConfig, span_metrics
 from sparse_transformer.hourglass import HourglassConfig
 from sparse_transformer.modality import TEXT, Modality, unit
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.performer import PerformerConfig
 
 
 class SparseTransformerLM(L.LightningModule):
@@ -34,6 +36,9 @@ class SparseTransformerLM(L.LightningModule):
             sublayer (all-attention layer); 0 is off.
         hourglass: arrange the blocks as a hierarchy of shortened levels, e.g. ``spec: "2@1 4@3 2@1"``;
             ``n_layers`` must equal the layers of the spec.
+        attention: ``sparse`` (the pattern via ``backend``), ``performer`` (FAVOR+; dense pattern only) or
+            ``adaptive_span`` (learned per-head spans on top of the pattern; its penalty joins the loss).
+        performer, adaptive_span: options of those attentions (``model.performer.features: 256``).
         lr, betas, weight_decay: AdamW; weight decay applies to matrices only.
         warmup_steps: linear warmup from 0, then cosine decay to ``min_lr_ratio * lr`` at the last step.
     """
@@ -52,6 +57,9 @@ class SparseTransformerLM(L.LightningModule):
         recompute: bool = False,
         persistent_memory: int = 0,
         hourglass: HourglassConfig | None = None,
+        attention: Literal["sparse", "performer", "adaptive_span"] = "sparse",
+        performer: PerformerConfig = PerformerConfig(),
+        adaptive_span: AdaptiveSpanConfig = AdaptiveSpanConfig(),
         lr: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.01,
@@ -77,6 +85,9 @@ class SparseTransformerLM(L.LightningModule):
             recompute=recompute,
             persistent_memory=persistent_memory,
             hourglass=hourglass,
+            attention=attention,
+            performer=performer,
+            adaptive_span=adaptive_span,
         )
         self.train_bits, self.val_bits, self.test_bits = MeanMetric(), MeanMetric(), MeanMetric()
 
@@ -88,11 +99,19 @@ class SparseTransformerLM(L.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
+    def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.model.before_train_step(self.global_step)  # FAVOR+ redraws on schedule; spans stay in range
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.train_bits(loss.detach() / math.log(2))
         self.log(f"train_{self.unit}", self.train_bits, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
+        auxiliary = self.model.auxiliary_loss()  # adaptive-span penalties; 0 without them
+        spans = span_metrics(self.model)
+        if spans:
+            self.log("span_penalty", auxiliary.detach(), on_step=True)
+            self.log_dict(spans, on_step=True)
+        return loss + auxiliary
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.val_bits.update(self._loss(batch) / math.log(2), weight=batch[:, 1:].numel())

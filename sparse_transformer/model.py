@@ -9,12 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sparse_transformer.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig
 from sparse_transformer.all_attention import check_persistent_memory
-from sparse_transformer.attention import CausalSelfAttention
+from sparse_transformer.attention import AttentionKind, check_attention, make_attention
 from sparse_transformer.errors import InputError
 from sparse_transformer.hourglass import Hourglass, HourglassConfig
 from sparse_transformer.kv_cache import BlockKVCache
 from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.performer import PerformerAttention, PerformerConfig
 
 
 class PositionalEmbedding(nn.Module):
@@ -65,17 +67,23 @@ class Block(nn.Module):
         layout: torch.Tensor,
         block_size: int,
         backend: str,
+        attention: AttentionKind = "sparse",
+        performer: PerformerConfig = PerformerConfig(),
+        adaptive_span: AdaptiveSpanConfig = AdaptiveSpanConfig(),
         persistent_memory: int = 0,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, layout, block_size, backend, persistent_memory)
+        self.attn = make_attention(
+            attention, d_model, n_heads, layout, block_size, backend, performer, adaptive_span, persistent_memory
+        )
         self.norm2 = None if persistent_memory else nn.LayerNorm(d_model)
         self.mlp = None if persistent_memory else MLP(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cache))
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h) if cache is None else self.attn(h, cache))  # only sparse attention caches
         return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
     def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
@@ -84,10 +92,17 @@ class Block(nn.Module):
 
 
 def check_architecture(
-    seq_len: int, n_layers: int, pattern: AttentionPattern, persistent_memory: int, hourglass: HourglassConfig | None
+    seq_len: int,
+    n_layers: int,
+    pattern: AttentionPattern,
+    backend: str,
+    attention: str,
+    persistent_memory: int,
+    hourglass: HourglassConfig | None,
 ) -> None:
     """Refuse combinations of the architecture options that make no sense, in one line each."""
     pattern.check(seq_len)
+    check_attention(attention, pattern, backend, persistent_memory)
     check_persistent_memory(persistent_memory, pattern.block_size)
     if hourglass is not None:
         hourglass.check()
@@ -110,6 +125,9 @@ class SparseTransformer(nn.Module):
             feed-forward sublayer (all-attention layer); 0 is off. A multiple of the pattern's block_size.
         hourglass: arrange the ``n_layers`` blocks as a hierarchy of shortened levels (Hourglass);
             positions are embedded at full length, and a shortened level's pattern counts its own positions.
+        attention: ``sparse`` (the pattern, computed by ``backend``), ``performer`` (FAVOR+, dense pattern
+            only) or ``adaptive_span`` (learned spans on top of the pattern); options in ``performer`` and
+            ``adaptive_span``.
     """
 
     def __init__(
@@ -127,12 +145,16 @@ class SparseTransformer(nn.Module):
         recompute: bool = False,
         persistent_memory: int = 0,
         hourglass: HourglassConfig | None = None,
+        attention: AttentionKind = "sparse",
+        performer: PerformerConfig = PerformerConfig(),
+        adaptive_span: AdaptiveSpanConfig = AdaptiveSpanConfig(),
     ):
         super().__init__()
         shape = tuple(shape) if shape else (seq_len,)
         if math.prod(shape) != seq_len:
             raise ValueError(f"positional shape {list(shape)} does not multiply to seq_len={seq_len}")
-        check_architecture(seq_len, n_layers, pattern, persistent_memory, hourglass)
+        check_architecture(seq_len, n_layers, pattern, backend, attention, persistent_memory, hourglass)
+        self.attention = attention
         self.seq_len, self.block_size, self.recompute = seq_len, pattern.block_size, recompute
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = PositionalEmbedding(shape, d_model)
@@ -141,7 +163,10 @@ class SparseTransformer(nn.Module):
 
         def block(n: int, layer: int) -> Block:
             layout = pattern.layout(n_heads, n, layer)
-            return Block(d_model, n_heads, d_ff, dropout, layout, pattern.block_size, backend, persistent_memory)
+            return Block(
+                d_model, n_heads, d_ff, dropout, layout, pattern.block_size, backend,
+                attention, performer, adaptive_span, persistent_memory,
+            )  # fmt: skip
 
         self.blocks = None if hourglass else nn.ModuleList(block(seq_len, layer) for layer in range(n_layers))
         self.hourglass = Hourglass(hourglass, d_model, n_heads, seq_len, pattern.block_size, block) if hourglass else None
@@ -185,8 +210,9 @@ class SparseTransformer(nn.Module):
 
     @property
     def supports_kv_cache(self) -> bool:
-        """Incremental decoding needs one flat stack of block-sparse layers (an Hourglass re-pools the past)."""
-        return self.hourglass is None
+        """Incremental decoding needs one flat stack of block-sparse layers (an Hourglass re-pools the past;
+        FAVOR+ and adaptive span have no cache here)."""
+        return self.hourglass is None and self.attention == "sparse"
 
     def new_caches(self) -> list[BlockKVCache]:
         """One empty key/value cache per layer, for :meth:`forward` (prefill) then :meth:`decode`."""
@@ -203,3 +229,17 @@ class SparseTransformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Sum of the adaptive-span penalties (0 without any), to be added to the training loss."""
+        penalties = [m.span_penalty() for m in self.modules() if isinstance(m, AdaptiveSpanAttention)]
+        return torch.stack(penalties).sum() if penalties else self.head.weight.new_zeros(())
+
+    def before_train_step(self, step: int) -> None:
+        """Per-step upkeep, called before training step ``step``: FAVOR+ redraws its features when due,
+        adaptive spans return to [0, max_span] after the previous optimizer step."""
+        for m in self.modules():
+            if isinstance(m, PerformerAttention):
+                m.maybe_redraw(step)
+            elif isinstance(m, AdaptiveSpanAttention):
+                m.clamp_spans()

@@ -9,6 +9,7 @@ its model arguments to ATTENTION; a new architecture option, to ARCHITECTURES.
 import pytest
 import torch
 
+from sparse_transformer.adaptive_span import AdaptiveSpanConfig
 from sparse_transformer.hourglass import HourglassConfig
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.patterns import AttentionPattern
@@ -19,6 +20,10 @@ POSITIONS = [0, 1, 2, 3, 5, 6, 7, 11, 12, 13, 17, 18, 23, 24, 29, 35, 36, 46, 47
 # name -> SparseTransformer arguments that select the attention kind.
 ATTENTION = {
     "sparse": {},
+    "performer": dict(attention="performer"),
+    "adaptive_span": dict(
+        attention="adaptive_span", adaptive_span=AdaptiveSpanConfig(max_span=32, ramp=4, init=0.5, chunk_size=16)
+    ),
 }
 
 # name -> SparseTransformer arguments of an architecture option (with the n_layers they imply).
@@ -41,10 +46,21 @@ PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "blocks"])
-@pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("attention", ATTENTION)
+def cases() -> list[tuple[str, str, str, str]]:
+    """Every combination the model accepts: Performer is dense only, persistent memory needs sparse
+    attention, and only sparse attention has block-sparse backends to choose."""
+    out = []
+    for attention in ATTENTION:
+        for architecture, arch in ARCHITECTURES.items():
+            if attention != "sparse" and arch.get("persistent_memory"):
+                continue
+            for pattern in PATTERNS if attention != "performer" else ["dense"]:
+                for backend in ["reference", "blocks"] if attention == "sparse" else ["auto"]:
+                    out.append((attention, architecture, pattern, backend))
+    return out
+
+
+@pytest.mark.parametrize("attention,architecture,pattern,backend", cases())
 def test_outputs_before_t_never_depend_on_position_t(attention, architecture, pattern, backend):
     torch.manual_seed(0)
     args = dict(seq_len=SEQ_LEN, d_model=32, n_heads=2, pattern=PATTERNS[pattern], backend=backend)

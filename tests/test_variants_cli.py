@@ -1,4 +1,4 @@
-"""Each architecture variant's tiny config trains a few steps through the real CLI and samples from its checkpoint."""
+"""Each variant's tiny config trains a few steps through the real CLI and samples from its checkpoint."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ pytestmark = pytest.mark.slow
 
 # config -> (hyper-parameter, the value the checkpoint must carry)
 VARIANTS = {
+    "configs/tiny_performer.yaml": ("attention", "performer"),
+    "configs/tiny_adaptive_span.yaml": ("attention", "adaptive_span"),
     "configs/tiny_all_attention.yaml": ("persistent_memory", 8),
     "configs/tiny_hourglass.yaml": ("hourglass", {"spec": "1@1 2@3 1@1", "pooling": "linear", "upsampling": "linear"}),
 }
@@ -48,6 +50,14 @@ def test_hourglass_from_the_command_line():
         ),
         (["--model.hourglass.spec", "1@1 1@2", "--model.n_layers", "2"], "error: hourglass spec '1@1 1@2' must be an odd number"),
         (["--model.persistent_memory", "4"], "error: persistent_memory=4 must be a multiple of pattern block_size=8"),
+        (
+            ["--model.attention", "performer"],
+            "error: attention='performer' is global causal linear attention; pattern.kind='strided'",
+        ),
+        (
+            ["--model.attention", "adaptive_span", "--model.persistent_memory", "8"],
+            "error: persistent_memory=8 joins the block-sparse softmax; attention='adaptive_span' has none",
+        ),
     ],
 )
 def test_bad_variant_options_fail_with_one_clear_line(override, message, tmp_path):

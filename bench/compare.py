@@ -1,0 +1,237 @@
+"""Compare model variants: train each on the same data, seed and step budget; tabulate bits/byte, speed, memory.
+
+    python bench/compare.py --config configs/compare/tiny.yaml
+    python bench/compare.py --config configs/compare/tiny.yaml --variants dense performer --out /tmp/cmp.md
+
+The config names a ``train.py`` config (``base``), dotted ``train.py`` options every variant shares
+(``common``: the budget) and the variants, each a set of dotted options on top (``model.attention:
+performer``). Every variant runs through the real LightningCLI in a fresh process (same seed, same data),
+so its peak memory is its own; after training it is validated once more on the final weights. The table is
+printed and written as Markdown, with the command that made it, to ``out`` (default
+bench/results/compare-<config>-<device>.md). Checkpoints stay under ``root``/<variant> for sample.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py and the package live at the repository root
+
+import train  # noqa: E402
+from bench.attention import device_name  # noqa: E402
+from sparse_transformer.errors import InputError, run_cli  # noqa: E402
+
+CONFIG_KEYS = {"base", "common", "variants", "out", "root"}
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """The compare config, checked: every problem is one line naming the key and the file."""
+    if not path.is_file():
+        raise InputError(f"compare config {path} not found")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict) or not config.keys() <= CONFIG_KEYS:
+        extra = sorted(set(config) - CONFIG_KEYS) if isinstance(config, dict) else config
+        raise InputError(f"compare config {path}: unknown keys {extra}; allowed: {', '.join(sorted(CONFIG_KEYS))}")
+    if "base" not in config or not Path(config["base"]).is_file():
+        raise InputError(f"compare config {path}: base train.py config {config.get('base')!r} not found")
+    variants = config.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise InputError(f"compare config {path}: 'variants' must map names to dotted train.py options")
+    for name, options in [("common", config.get("common") or {}), *variants.items()]:
+        if not isinstance(options, dict):
+            raise InputError(f"compare config {path}: {name!r} must map dotted train.py options to values")
+    return config
+
+
+def cli_args(options: dict[str, Any]) -> list[str]:
+    """{'model.attention': 'performer', 'trainer.max_steps': 3} -> ['--model.attention', 'performer', ...]."""
+    args = []
+    for key, value in options.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+class Meter(L.Callback):
+    """Training tokens/s over the timed steps (data loading and validation excluded) and peak memory."""
+
+    def __init__(self, warmup_steps: int = 1):
+        self.warmup_steps, self.steps, self.tokens, self.seconds = warmup_steps, 0, 0, 0.0
+
+    def _sync(self, module: L.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_start(self, trainer, module) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(module.device)
+        self.rss_start = current_rss()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._sync(module)
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._sync(module)
+        self.steps += 1
+        if self.steps > self.warmup_steps:  # the first step pays for allocation and kernel compilation
+            self.seconds += time.perf_counter() - self.started
+            self.tokens += batch[:, 1:].numel()
+
+    def on_train_end(self, trainer, module) -> None:
+        if module.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated(module.device) / 2**20
+        else:  # the process's high-water mark (KiB on Linux) above its resident size when training began
+            self.peak_mib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.rss_start, 0) / 2**20
+
+
+def current_rss() -> int:
+    """Resident set size in bytes (Linux /proc; 0 elsewhere, where the memory column is then the absolute peak)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def run_variant(config: dict[str, Any], name: str, root: Path) -> dict[str, Any]:
+    """Train and validate one variant in this process; returns its row."""
+    args = ["--config", config["base"], *cli_args(config.get("common") or {}), *cli_args(config["variants"][name])]
+    cli = train.main([*args, "--trainer.default_root_dir", str(root / name)], run=False)
+    meter = Meter()
+    cli.trainer.callbacks.append(meter)
+    started = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    wall = time.perf_counter() - started
+    (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    return {
+        "variant": name,
+        "options": config["variants"][name],
+        "params": cli.model.model.num_params(),
+        "val_bpb": metrics["val_bpb"],
+        "tokens_per_s": meter.tokens / meter.seconds if meter.seconds else float("nan"),
+        "peak_mib": meter.peak_mib,
+        "steps": cli.trainer.global_step,
+        "wall_s": wall,
+        "device": str(cli.model.device),
+    }
+
+
+def run_in_subprocess(config_path: Path, name: str, root: Path) -> dict[str, Any]:
+    """One variant in a fresh interpreter, so memory peaks and seeds do not leak between variants."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "row.json"
+        command = [sys.executable, __file__, "--config", str(config_path), "--variant", name, "--result", str(result)]
+        command += ["--root", str(root)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+            if errors:
+                raise InputError(f"variant {name!r}: {errors[-1].removeprefix('error: ')}")
+            raise RuntimeError(f"variant {name!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(result.read_text())
+
+
+def options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in options.items()) or "(base)"
+
+
+def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path, command: str, started: str) -> str:
+    cuda = rows[0]["device"].startswith("cuda")
+    where = device_name(torch.device(rows[0]["device"]))
+    memory = "peak CUDA MiB allocated" if cuda else "peak RSS growth MiB"
+    lines = [
+        f"# Variant comparison: {config_path.name} on {where}",
+        "",
+        f"- command: `{command}`",
+        f"- date: {started}; torch {torch.__version__}, lightning {L.__version__}",
+        f"- base: `{config['base']}`; common: {options_text(config.get('common') or {})}",
+        f"- every variant: same seed, data and {rows[0]['steps']} training steps, each in its own process",
+        "",
+        f"| variant | options | params | val bits/byte | train tokens/s | {memory} | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {options_text(r['options'])} | {r['params']:,} | {r['val_bpb']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['peak_mib']:.1f} | {r['wall_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "val bits/byte: one validation pass over the final weights (`trainer.limit_val_batches` batches). "
+        "train tokens/s: tokens of the timed training steps over their time (forward, backward, optimizer; "
+        "data loading, validation and the first step excluded). "
+        + (
+            "peak CUDA MiB allocated: torch.cuda.max_memory_allocated over training. "
+            if cuda
+            else "peak RSS growth MiB: the process's resident-memory high-water mark above its size when training "
+            "began (allocator caching included; a coarse CPU stand-in for activation memory). "
+        )
+        + "wall s: the whole fit, validation and checkpointing included.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, required=True, help="compare config: base, common, variants")
+    p.add_argument("--variants", nargs="+", help="run only these variants (default: all, in config order)")
+    p.add_argument("--out", type=Path, help="Markdown table (default: the config's out, else bench/results/...)")
+    p.add_argument("--root", type=Path, help="run folders, one per variant (default: runs/compare/<config>)")
+    p.add_argument("--variant", help="run this one variant here and write its row to --result (used per process)")
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    config = load_config(args.config)
+    root = args.root or Path(config.get("root") or f"runs/compare/{args.config.stem}")
+    names = [args.variant] if args.variant else args.variants or list(config["variants"])
+    unknown = [n for n in names if n not in config["variants"]]
+    if unknown:
+        raise InputError(f"variants {unknown} are not in {args.config}: {', '.join(config['variants'])}")
+
+    if args.variant:
+        row = run_variant(config, args.variant, root)
+        if args.result:
+            write_atomic(args.result, json.dumps(row))
+        print(json.dumps(row))
+        return [row]
+
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", "bench/compare.py", *(argv if argv is not None else sys.argv[1:])])
+    rows = []
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name}: {options_text(config['variants'][name])}", flush=True)
+        rows.append(run_in_subprocess(args.config, name, root))
+        r = rows[-1]
+        print(f"    {r['val_bpb']:.3f} bits/byte, {r['tokens_per_s']:,.0f} tokens/s, {r['wall_s']:.0f} s", flush=True)
+    text = report(rows, config, args.config, command, started)
+    device = "cuda" if rows[0]["device"].startswith("cuda") else "cpu"
+    out = args.out or Path(config.get("out") or ROOT / "bench" / "results" / f"compare-{args.config.stem}-{device}.md")
+    write_atomic(out, text)
+    print(f"\n{text}\nwritten to {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)
