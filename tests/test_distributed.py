@@ -1,39 +1,19 @@
 """Data parallel training through the real CLI: DDP with 2 CPU processes (gloo); the FSDP overlay's CPU refusal."""
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from commands import ROOT, train_tiny_checkpointing
 from sparse_transformer.errors import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
-    overlay = tmp_path / "ddp.yaml"
-    overlay.write_text(f"""
-trainer:
-  strategy: ddp
-  devices: 2
-  max_steps: 4
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {tmp_path}, name: csv}}
-  callbacks:
-    - class_path: sparse_transformer.callbacks.NonFiniteLossGuard
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {tmp_path}/checkpoints, every_n_train_steps: 2, save_last: true}}
-""")
-    command = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--config", str(overlay)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: 2 processes on a 2-core box
-    result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = train_tiny_checkpointing(tmp_path, "  strategy: ddp\n  devices: 2\n  max_steps: 4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stderr + result.stdout
 

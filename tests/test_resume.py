@@ -1,9 +1,7 @@
 """Resuming continues the same run: same step, optimizer, schedule and data position, even after kill -9."""
 
 import csv
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,12 +9,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from commands import train_tiny_checkpointing
 from data.sampler import ResumableSampler
 from data.text import ByteTextDataModule
 from sparse_transformer.lightning_module import SparseTransformerLM
 from sparse_transformer.patterns import AttentionPattern
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sampler_order_is_fixed_by_seed_and_epoch_and_shards_cover_it():
@@ -106,30 +104,7 @@ def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(tmp_path, crash_
 def train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """tiny.yaml for 10 steps (8 per epoch), a checkpoint every 2 steps in a fixed folder, metrics to CSV."""
     tmp_path.mkdir(exist_ok=True)
-    overlay = tmp_path / "resume.yaml"
-    overlay.write_text(f"""
-trainer:
-  max_steps: 10
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {tmp_path}, name: csv}}
-  callbacks:
-    - class_path: sparse_transformer.callbacks.NonFiniteLossGuard
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {tmp_path}/checkpoints, every_n_train_steps: 2, save_last: true}}
-""")
-    command = [
-        sys.executable,
-        "train.py",
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        "--config",
-        str(overlay),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread is fastest, and deterministic
-    return subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return train_tiny_checkpointing(tmp_path, "  max_steps: 10", *args)
 
 
 def logged_losses(csv_dir: Path) -> dict[int, str]:
