@@ -16,6 +16,8 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     Every linear layer costs 2 * in * out per token; attention costs 2 * 2 * d_head per key a query sees in
     QK^T and AV, where the keys are those of the non-zero tiles of each head's layout (so a sparse pattern
     is credited with the work it does, not with dense attention's). Training is 3x this (forward, backward).
+    Exact for a flat stack of block-sparse layers; an approximation elsewhere: Hourglass levels are counted
+    as if at full length (an overcount) and FAVOR+ / adaptive-span attention by their linear layers only.
     """
     flops = sum(2.0 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     for m in model.modules():
