@@ -18,8 +18,9 @@ import torch
 from sparse_transformer.errors import InputError, run_cli
 from sparse_transformer.kernels import BACKENDS
 from sparse_transformer.lightning_module import SparseTransformerLM
-from sparse_transformer.modality import START, bytes_to_images, png_bytes, samples_to_files, write_atomic
-from sparse_transformer.sampling import generate
+from sparse_transformer.atomic import write_atomic
+from sparse_transformer.modality import bytes_to_images, png_bytes, samples_to_files
+from sparse_transformer.sampling import generate, sample_modality
 
 
 def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTransformerLM:
@@ -37,7 +38,7 @@ def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTran
 
 def load_datamodule(ckpt: str, root: str | None) -> L.LightningDataModule:
     """Rebuild the DataModule a checkpoint was trained with, from the hyperparameters Lightning saved."""
-    hparams = dict(torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters") or {})
+    hparams = dict(torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("datamodule_hyper_parameters") or {})
     class_path = hparams.get("_class_path")
     if not class_path:
         raise InputError(f"checkpoint {ckpt} does not record its DataModule (train it with train.py)")
@@ -101,21 +102,19 @@ def main(argv: list[str] | None = None) -> list[bytes]:
         return [bytes(row.tolist()) for row in tokens]
 
     if kind == "text":
-        prompt_bytes = (args.prompt if args.prompt is not None else "\n").encode("utf-8")
-        if not prompt_bytes:
+        prompt = (args.prompt if args.prompt is not None else "\n").encode("utf-8")
+        if not prompt:
             raise InputError("--prompt is empty; give at least one character (the default is a newline)")
-        prompt, length = list(prompt_bytes), args.length or seq_len + 1 - len(prompt_bytes)
+        length = args.length or seq_len + 1 - len(prompt)
     else:
         if args.prompt is not None:
             raise InputError(f"--prompt is for text models; this checkpoint models {kind}")
         length = args.length or seq_len
         if length > seq_len or (kind == "image" and length != seq_len):
             raise InputError(f"--length={length}: a {kind} sample has {seq_len} tokens (the model's context)")
-        prompt = [START]
-    prompt = torch.tensor(prompt, device=args.device).repeat(args.num_samples, 1)  # (S, T)
-    tokens = generate(module.model, prompt, length, args.temperature, args.top_k, generator, kv_cache=not args.no_kv_cache)
-    if kind != "text":
-        tokens = tokens[:, 1:]  # drop the start token
+        prompt = b""
+    sampling = (args.temperature, args.top_k, generator, prompt, not args.no_kv_cache)
+    tokens = sample_modality(module.model, modality, args.num_samples, length, *sampling)
     samples = [bytes(row.tolist()) for row in tokens]
     if out is None:
         for i, sample in enumerate(samples):

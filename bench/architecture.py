@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from sparse_transformer.atomic import write_atomic  # noqa: E402
 from sparse_transformer.hourglass import HourglassConfig  # noqa: E402
 from sparse_transformer.model import SparseTransformer  # noqa: E402
 from sparse_transformer.patterns import AttentionPattern  # noqa: E402
@@ -124,9 +125,7 @@ def main() -> None:
     ]
     lines += [f"| {n} | {p:,} | {f:.1f} | {fb:.1f} | {base / fb:.2f}x |" for n, p, f, fb in rows]
     out = args.out or Path(__file__).resolve().parent / "results" / f"architecture-{args.device}.md"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from sparse_transformer.atomic import write_atomic  # noqa: E402
 from sparse_transformer.kernels import get_backend  # noqa: E402
 from sparse_transformer.patterns import AttentionPattern, density  # noqa: E402
 
@@ -324,8 +325,7 @@ def main() -> None:
     else:
         slug = "cpu-interpret" if INTERPRET else "cpu"
     out = args.out or Path(__file__).resolve().parent / "results" / f"attention-{slug}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_atomic(out, text)
     print(f"\n{text}\nwritten to {out}")
 
 

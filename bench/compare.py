@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # train.py and the package live at the repository
 
 import train  # noqa: E402
 from bench.attention import device_name  # noqa: E402
+from sparse_transformer.atomic import write_atomic  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
 
 CONFIG_KEYS = {"base", "common", "variants", "out", "root"}
@@ -184,14 +185,6 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path
         + "wall s: the whole fit, validation and checkpointing included.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

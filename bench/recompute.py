@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from sparse_transformer.atomic import write_atomic  # noqa: E402
 from sparse_transformer.model import SparseTransformer  # noqa: E402
 from sparse_transformer.patterns import AttentionPattern  # noqa: E402
 
@@ -116,10 +117,7 @@ def main() -> None:
         "",
     ]
     out = args.out or Path(__file__).resolve().parent / "results" / f"recompute-{args.device}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_atomic(out, "\n".join(lines))
     print(f"wrote {out}")
 
 

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from sparse_transformer.atomic import write_atomic  # noqa: E402
 from sparse_transformer.model import SparseTransformer  # noqa: E402
 from sparse_transformer.patterns import AttentionPattern  # noqa: E402
 from sparse_transformer.sampling import generate  # noqa: E402
@@ -108,10 +109,7 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or Path(__file__).parent / "results" / f"sampling-{args.device.split(':')[0]}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_atomic(out, text)
 
 
 if __name__ == "__main__":

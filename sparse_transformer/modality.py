@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 import wave
-from pathlib import Path
 from typing import Literal, TypedDict
 
 import torch
@@ -76,18 +73,6 @@ def mu_law_encode(waveform: torch.Tensor) -> torch.Tensor:
 def mu_law_decode(codes: torch.Tensor) -> torch.Tensor:
     """8-bit mu-law codes -> waveform in [-1, 1] (float32)."""
     return AF.mu_law_decoding(codes.long(), MU_LAW_CHANNELS).float()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:

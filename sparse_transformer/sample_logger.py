@@ -15,8 +15,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from sparse_transformer.modality import START, bytes_to_images, image_grid, mu_law_decode, samples_to_files, write_atomic
-from sparse_transformer.sampling import generate
+from sparse_transformer.atomic import write_atomic
+from sparse_transformer.modality import bytes_to_images, image_grid, mu_law_decode, samples_to_files
+from sparse_transformer.sampling import sample_modality
 
 
 class SampleLogger(L.Callback):
@@ -66,13 +67,10 @@ class SampleLogger(L.Callback):
             length = seq_len
         else:
             length = min(self.length or (256 if kind == "text" else seq_len), seq_len)
-        first = ord("\n") if kind == "text" else START
-        prompt = torch.full((self.num_samples, 1), first, device=pl_module.device)  # (S, 1)
         was_training = pl_module.training
-        tokens = generate(pl_module.model, prompt, length, self.temperature, self.top_k, torch.Generator().manual_seed(self.seed))
+        generator = torch.Generator().manual_seed(self.seed)
+        tokens = sample_modality(pl_module.model, modality, self.num_samples, length, self.temperature, self.top_k, generator)
         pl_module.train(was_training)
-        if kind != "text":
-            tokens = tokens[:, 1:]  # the start token is not data
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step={step}"
         for name, data in samples_to_files(tokens.cpu(), modality).items():
             write_atomic(folder / name, data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparse_transformer.errors import InputError
+from sparse_transformer.modality import START, Modality
 from sparse_transformer.model import SparseTransformer
 
 
@@ -39,6 +40,25 @@ def generate(
         if kv_cache and pos + 1 < prompt.shape[1] + length:
             logits = model.decode(nxt, pos, caches)
     return out
+
+
+def sample_modality(
+    model: SparseTransformer,
+    modality: Modality,
+    num_samples: int,
+    length: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    prompt: bytes = b"\n",
+    kv_cache: bool = True,
+) -> torch.Tensor:
+    """``num_samples`` samples ``[S, T]`` as the modality's data: text continues ``prompt`` (kept in the
+    output); images and audio start from the start token, which is dropped."""
+    first = list(prompt) if modality["kind"] == "text" else [START]
+    start = torch.tensor(first, device=model.head.weight.device).repeat(num_samples, 1)  # (S, T0)
+    tokens = generate(model, start, length, temperature, top_k, generator, kv_cache)
+    return tokens if modality["kind"] == "text" else tokens[:, 1:]
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
