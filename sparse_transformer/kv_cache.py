@@ -22,8 +22,9 @@ class BlockKVCache:
         # Last query block that reads each key block; causal layouts always read their diagonal.
         self.last_use = torch.where(self.layout.any(0), rows, -1).amax(0).tolist()
         self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._row: int | None = None  # query block that the gathered view below serves
-        self._cols: list[int] = []
+        self._row: int | None = None  # query block that the gathered keys below serve
+        self._keys: torch.Tensor | None = None  # (B, H, U * block_size, D) the row's blocks, diagonal last
+        self._values: torch.Tensor | None = None
         self._allowed: torch.Tensor | None = None  # (H, U * block_size) layout of the gathered keys
         self._key_pos: torch.Tensor | None = None  # (U * block_size,) their positions
 
@@ -45,21 +46,28 @@ class BlockKVCache:
         row = pos // self.block_size
         if row != self._row:
             self._enter_row(row, q.device)
-        keys = torch.cat([self.blocks[c][0] for c in self._cols], dim=2)  # (B, H, U * bs, D)
-        values = torch.cat([self.blocks[c][1] for c in self._cols], dim=2)
         visible = self._allowed & (self._key_pos <= pos)  # keys after pos are not written yet
-        scores = (q @ keys.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, H, 1, U * bs)
+        scores = (q @ self._keys.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])  # (B, H, 1, U * bs)
         scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-        return (torch.softmax(scores, dim=-1).to(values.dtype) @ values).to(q.dtype)
+        return (torch.softmax(scores, dim=-1).to(self._values.dtype) @ self._values).to(q.dtype)
 
     def _enter_row(self, row: int, device: torch.device) -> None:
-        """Switch to query block ``row``: drop blocks no later query reads, gather this row's columns."""
+        """Switch to query block ``row``: drop blocks no later query reads, gather this row's columns once.
+
+        The row's own (diagonal) block is last in the gathered keys and is stored as a view of them, so
+        the keys written while decoding this row land in both at once.
+        """
+        if self._row in self.blocks:  # the previous diagonal block: stop sharing the old gathered storage
+            self.blocks[self._row] = tuple(t.clone() for t in self.blocks[self._row])
         self.blocks = {kb: kv for kb, kv in self.blocks.items() if self.last_use[kb] >= row}
         allowed = self.layout[:, row, : row + 1]  # (H, row + 1)
-        self._cols = allowed.any(0).nonzero().flatten().tolist()  # union over heads, ascending
-        self._allowed = allowed[:, self._cols].repeat_interleave(self.block_size, dim=1).to(device)  # (H, U * bs)
+        cols = allowed.any(0).nonzero().flatten().tolist()  # union over heads, ascending: the diagonal last
+        self._allowed = allowed[:, cols].repeat_interleave(self.block_size, dim=1).to(device)  # (H, U * bs)
         offsets = torch.arange(self.block_size)
-        self._key_pos = torch.cat([c * self.block_size + offsets for c in self._cols]).to(device)
+        self._key_pos = torch.cat([c * self.block_size + offsets for c in cols]).to(device)
+        self._keys = torch.cat([self.blocks[c][0] for c in cols], dim=2)  # (B, H, U * bs, D)
+        self._values = torch.cat([self.blocks[c][1] for c in cols], dim=2)
+        self.blocks[row] = (self._keys[:, :, -self.block_size :], self._values[:, :, -self.block_size :])
         self._row = row
 
     def stored_blocks(self) -> int:
