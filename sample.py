@@ -1,4 +1,4 @@
-"""Generate from a checkpoint: ``python sample.py --ckpt runs/quickstart/.../last.ckpt``.
+"""Generate from a checkpoint: ``python sample.py --ckpt runs/quickstart/checkpoints/last.ckpt``.
 
 The checkpoint carries the model's configuration and its modality, so nothing else is needed: text
 models write ``sample_<i>.txt`` (or print), image models a PNG grid, audio models ``sample_<i>.wav``.
@@ -9,6 +9,7 @@ checkpoint recorded and writes corrupted / completed / original side by side. Sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -16,21 +17,27 @@ import lightning as L
 import torch
 
 from sparse_transformer.errors import InputError, run_cli
-from sparse_transformer.kernels import BACKENDS
-from sparse_transformer.lightning_module import SparseTransformerLM
-from sparse_transformer.atomic import write_atomic
-from sparse_transformer.modality import bytes_to_images, png_bytes, samples_to_files
-from sparse_transformer.sampling import generate, sample_modality
+from sparse_transformer.files import write_atomic
+from sparse_transformer.model.kernels import BACKENDS
+from sparse_transformer.sampling import sample
+from sparse_transformer.training.lightning_module import SparseTransformerLM
 
 
 def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTransformerLM:
     if not Path(ckpt).is_file():
         raise InputError(f"checkpoint {ckpt} not found")
+    overrides = {}
     try:
-        module = SparseTransformerLM.load_from_checkpoint(ckpt, map_location=device, **({"backend": backend} if backend else {}))
+        if backend:
+            network = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]["network"]
+            is_config = dataclasses.is_dataclass(network)
+            overrides["network"] = dataclasses.replace(network, backend=backend) if is_config else {**network, "backend": backend}
+        module = SparseTransformerLM.load_from_checkpoint(ckpt, map_location=device, **overrides)
     except RuntimeError as e:  # the weights do not fit the configuration the checkpoint records
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
         raise InputError(f"checkpoint {ckpt} does not match the model it describes ({detail})") from e
+    except InputError:
+        raise
     except Exception as e:  # pickle, zip and key errors all mean the same thing to a user
         raise InputError(f"checkpoint {ckpt} is not a readable Sparse Transformer checkpoint ({type(e).__name__})") from e
     return module.eval()
@@ -50,21 +57,13 @@ def load_datamodule(ckpt: str, root: str | None) -> L.LightningDataModule:
     return cls(**kwargs)
 
 
-def complete_images(
-    module: SparseTransformerLM, datamodule: L.LightningDataModule, n: int, temperature: float, top_k: int | None, generator
-) -> tuple[torch.Tensor, bytes]:
-    """Prime with the top half of ``n`` validation images, generate the rest; a grid of corrupted / completed / original."""
-    rows, cols, channels = module.modality["shape"]
+def validation_examples(ckpt: str, root: str | None, n: int) -> torch.Tensor:
+    """The first ``n`` validation examples ``[n, 1 + N]`` of the DataModule the checkpoint was trained on."""
+    datamodule = load_datamodule(ckpt, root)
     datamodule.setup("validate")
     if n > len(datamodule.val):
-        raise InputError(f"--complete {n} asks for more images than the validation split holds ({len(datamodule.val)})")
-    original = torch.stack([datamodule.val[i] for i in range(n)]).to(module.device)  # (n, 1 + N)
-    primed = 1 + (rows // 2) * cols * channels  # start token + the top rows
-    completed = generate(module.model, original[:, :primed], original.shape[1] - primed, temperature, top_k, generator)
-    corrupted = original.clone()
-    corrupted[:, primed:] = 128  # the part the model did not see, in mid grey
-    triples = torch.stack([corrupted, completed, original], dim=1)[:, :, 1:].flatten(0, 1)  # (3n, N)
-    return completed[:, 1:], png_bytes(bytes_to_images(triples, module.modality["shape"]), nrow=3)
+        raise InputError(f"--complete {n} asks for more examples than the validation split holds ({len(datamodule.val)})")
+    return torch.stack([datamodule.val[i] for i in range(n)])
 
 
 def main(argv: list[str] | None = None) -> list[bytes]:
@@ -87,40 +86,26 @@ def main(argv: list[str] | None = None) -> list[bytes]:
     if args.num_samples < 1 or (args.length is not None and args.length < 1):
         raise InputError(f"--num-samples={args.num_samples} and --length={args.length} must be >= 1")
     module = load_model(args.ckpt, args.device, args.backend)
-    modality, seq_len = module.modality, module.hparams.seq_len
-    kind = modality["kind"]
+    modality, model = module.modality, module.model
     generator = torch.Generator().manual_seed(args.seed)
-    out = Path(args.out) if args.out else (None if kind == "text" else Path("samples"))
+    out = Path(args.out) if args.out else (Path(modality.default_out) if modality.default_out else None)
 
     if args.complete is not None:
-        if kind != "image" or args.complete < 1:
-            raise InputError(f"--complete {args.complete} needs an image checkpoint (this one is {kind}) and N >= 1")
-        datamodule = load_datamodule(args.ckpt, args.data_root)
-        tokens, grid = complete_images(module, datamodule, args.complete, args.temperature, args.top_k, generator)
-        write_atomic(out / "completions.png", grid)
+        examples = lambda n: validation_examples(args.ckpt, args.data_root, n)  # noqa: E731
+        tokens, picture = modality.complete(model, examples, args.complete, args.temperature, args.top_k, generator)
+        write_atomic(out / "completions.png", picture)
         print(f"wrote {out / 'completions.png'} (each row: corrupted, completed, original)")
         return [bytes(row.tolist()) for row in tokens]
 
-    if kind == "text":
-        prompt = (args.prompt if args.prompt is not None else "\n").encode("utf-8")
-        if not prompt:
-            raise InputError("--prompt is empty; give at least one character (the default is a newline)")
-        length = args.length or seq_len + 1 - len(prompt)
-    else:
-        if args.prompt is not None:
-            raise InputError(f"--prompt is for text models; this checkpoint models {kind}")
-        length = args.length or seq_len
-        if length > seq_len or (kind == "image" and length != seq_len):
-            raise InputError(f"--length={length}: a {kind} sample has {seq_len} tokens (the model's context)")
-        prompt = b""
-    sampling = (args.temperature, args.top_k, generator, prompt, not args.no_kv_cache)
-    tokens = sample_modality(module.model, modality, args.num_samples, length, *sampling)
+    prompt = args.prompt.encode("utf-8") if args.prompt is not None else None
+    length = modality.sample_length(args.length, model.seq_len, len(modality.first_tokens(prompt)))
+    tokens = sample(model, modality, args.num_samples, length, args.temperature, args.top_k, generator, prompt, not args.no_kv_cache)
     samples = [bytes(row.tolist()) for row in tokens]
     if out is None:
-        for i, sample in enumerate(samples):
-            print(f"--- sample {i} ---\n{sample.decode('utf-8', errors='replace')}")
+        for i, text in enumerate(samples):
+            print(f"--- sample {i} ---\n{text.decode('utf-8', errors='replace')}")
         return samples
-    for name, data in samples_to_files(tokens, modality).items():
+    for name, data in modality.files(tokens).items():
         write_atomic(out / name, data)
     print(f"wrote {len(samples)} samples to {out}")
     return samples

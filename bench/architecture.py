@@ -27,10 +27,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sparse_transformer.atomic import write_atomic  # noqa: E402
-from sparse_transformer.hourglass import HourglassConfig  # noqa: E402
-from sparse_transformer.model import SparseTransformer  # noqa: E402
-from sparse_transformer.patterns import AttentionPattern  # noqa: E402
+from sparse_transformer.files import write_atomic  # noqa: E402
+from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
+from sparse_transformer.model.hourglass import HourglassConfig  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,9 +79,10 @@ def main() -> None:
     models = {}
     for name, extra in variants(args).items():
         torch.manual_seed(0)
-        models[name] = SparseTransformer(
-            args.seq_len, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern, **extra
-        ).to(args.device)
+        config = ModelConfig(
+            seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern, **extra
+        )
+        models[name] = SparseTransformer(config).to(args.device)
 
     def forward(model: SparseTransformer) -> None:
         with torch.no_grad():

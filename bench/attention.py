@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sparse_transformer.atomic import write_atomic  # noqa: E402
-from sparse_transformer.kernels import get_backend  # noqa: E402
-from sparse_transformer.patterns import AttentionPattern, density  # noqa: E402
+from sparse_transformer.files import write_atomic  # noqa: E402
+from sparse_transformer.model.kernels import get_backend  # noqa: E402
+from sparse_transformer.model.patterns import AttentionPattern, density  # noqa: E402
 
 BACKENDS = ("sdpa", "flex", "triton", "blocks", "reference")  # run in this order: the baselines first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -250,7 +250,7 @@ def flex_notes(args: argparse.Namespace) -> list[str]:
     """Flex describes a layout of blocks under 128 with 128-wide tiles; say how much more it then computes."""
     if "flex" not in args.backends:
         return []
-    from sparse_transformer.kernels.flex import flex_block_mask, flex_tile
+    from sparse_transformer.model.kernels.flex import flex_block_mask, flex_tile
 
     notes = []
     for n in args.seq_lens:

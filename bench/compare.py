@@ -4,7 +4,7 @@
     python bench/compare.py --config configs/compare/tiny.yaml --variants dense performer --out /tmp/cmp.md
 
 The config names a ``train.py`` config (``base``), dotted ``train.py`` options every variant shares
-(``common``: the budget) and the variants, each a set of dotted options on top (``model.attention:
+(``common``: the budget) and the variants, each a set of dotted options on top (``model.network.attention:
 performer``). Every variant runs through the real LightningCLI in a fresh process (same seed, same data),
 so its peak memory is its own; after training it is validated once more on the final weights. The table is
 printed and written as Markdown, with the command that made it, to ``out`` (default
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # train.py and the package live at the repository
 
 import train  # noqa: E402
 from bench.attention import device_name  # noqa: E402
-from sparse_transformer.atomic import write_atomic  # noqa: E402
+from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
 
 CONFIG_KEYS = {"base", "common", "variants", "out", "root"}
@@ -61,7 +61,7 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def cli_args(options: dict[str, Any]) -> list[str]:
-    """{'model.attention': 'performer', 'trainer.max_steps': 3} -> ['--model.attention', 'performer', ...]."""
+    """{"model.network.attention": "performer"} -> ["--model.network.attention", "performer"]."""
     args = []
     for key, value in options.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
@@ -148,7 +148,7 @@ def run_in_subprocess(config_path: Path, name: str, root: Path) -> dict[str, Any
 
 
 def options_text(options: dict[str, Any]) -> str:
-    return ", ".join(f"{k.removeprefix('model.')}={v}" for k, v in options.items()) or "(base)"
+    return ", ".join(f"{k.removeprefix('model.network.').removeprefix('model.')}={v}" for k, v in options.items()) or "(base)"
 
 
 def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path, command: str, started: str) -> str:

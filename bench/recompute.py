@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sparse_transformer.atomic import write_atomic  # noqa: E402
-from sparse_transformer.model import SparseTransformer  # noqa: E402
-from sparse_transformer.patterns import AttentionPattern  # noqa: E402
+from sparse_transformer.files import write_atomic  # noqa: E402
+from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -41,9 +40,10 @@ def measure(args: argparse.Namespace, recompute: bool) -> dict[str, float]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     pattern = AttentionPattern(args.pattern, block_size=args.block_size, stride=args.stride, heads="split")
-    model = SparseTransformer(
-        args.seq_len, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern, recompute=recompute
-    ).to(device)
+    config = ModelConfig(
+        seq_len=args.seq_len, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern, recompute=recompute
+    )
+    model = SparseTransformer(config).to(device)
     idx = torch.randint(0, 256, (args.batch, args.seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sparse_transformer.atomic import write_atomic  # noqa: E402
-from sparse_transformer.model import SparseTransformer  # noqa: E402
-from sparse_transformer.patterns import AttentionPattern  # noqa: E402
+from sparse_transformer.files import write_atomic  # noqa: E402
+from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
 from sparse_transformer.sampling import generate  # noqa: E402
 
 
@@ -75,7 +74,8 @@ def main() -> None:
     for n in args.seq_lens:
         for name, pattern in patterns.items():
             torch.manual_seed(0)
-            model = SparseTransformer(n, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern)
+            config = ModelConfig(seq_len=n, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern)
+            model = SparseTransformer(config)
             model = model.to(args.device).eval()
             prompt = torch.randint(0, 256, (args.batch, n - args.new_tokens), device=args.device)
             caches = model.new_caches()

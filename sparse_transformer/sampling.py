@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.modality import START, Modality
-from sparse_transformer.model import SparseTransformer
+
+if TYPE_CHECKING:
+    from sparse_transformer.modality import Modality
+    from sparse_transformer.model import SparseTransformer
 
 
 @torch.no_grad()
@@ -22,8 +26,8 @@ def generate(
     """Extend ``prompt`` ``[B, T]`` by ``length`` tokens; returns ``[B, T + length]``.
 
     With ``kv_cache`` each new token costs one position per layer (keys read only where the pattern
-    allows); without, or for a model that cannot decode incrementally (an Hourglass), every step re-runs
-    the whole prefix. Both give the same tokens. ``temperature == 0`` is greedy.
+    allows); without, or for a model that cannot decode incrementally, every step re-runs the whole
+    prefix. Both give the same tokens. ``temperature == 0`` is greedy.
     """
     check_request(model, prompt, length, temperature)
     model.eval()
@@ -42,7 +46,7 @@ def generate(
     return out
 
 
-def sample_modality(
+def sample(
     model: SparseTransformer,
     modality: Modality,
     num_samples: int,
@@ -50,15 +54,14 @@ def sample_modality(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
-    prompt: bytes = b"\n",
+    prompt: bytes | None = None,
     kv_cache: bool = True,
 ) -> torch.Tensor:
-    """``num_samples`` samples ``[S, T]`` as the modality's data: text continues ``prompt`` (kept in the
-    output); images and audio start from the start token, which is dropped."""
-    first = list(prompt) if modality["kind"] == "text" else [START]
+    """``num_samples`` samples ``[S, T]`` as the modality's data, each starting from ``modality.first_tokens``
+    (a text prompt is kept in the output; the start token of images and audio is dropped)."""
+    first = modality.first_tokens(prompt)
     start = torch.tensor(first, device=model.head.weight.device).repeat(num_samples, 1)  # (S, T0)
-    tokens = generate(model, start, length, temperature, top_k, generator, kv_cache)
-    return tokens if modality["kind"] == "text" else tokens[:, 1:]
+    return modality.strip(generate(model, start, length, temperature, top_k, generator, kv_cache))
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:

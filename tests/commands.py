@@ -21,20 +21,16 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def train_tiny_checkpointing(tmp_path: Path, trainer_options: str, *args: str) -> subprocess.CompletedProcess:
-    """``train.py fit`` on tiny.yaml, one thread per process, with a checkpoint every 2 steps in
-    ``tmp_path/checkpoints`` (save_last) and metrics to CSV under ``tmp_path/csv``; ``trainer_options`` are
-    more YAML lines under ``trainer:``."""
-    overlay = tmp_path / "overlay.yaml"
+    """``train.py fit`` on tiny.yaml in the run folder ``tmp_path``, one thread per process, with last.ckpt
+    saved every 2 steps; ``trainer_options`` are more YAML lines under ``trainer:``."""
+    overlay = tmp_path.parent / f"{tmp_path.name}-overlay.yaml"
     overlay.write_text(f"""
 trainer:
+  default_root_dir: {tmp_path}
+  enable_progress_bar: false
 {trainer_options}
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {tmp_path}, name: csv}}
-  callbacks:
-    - class_path: sparse_transformer.callbacks.NonFiniteLossGuard
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {tmp_path}/checkpoints, every_n_train_steps: 2, save_last: true}}
+checkpoint:
+  every_n_train_steps: 2
 """)
     command = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--config", str(overlay), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, and 2 DDP processes on a 2-core box

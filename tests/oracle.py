@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import torch
 
-from sparse_transformer.kernels.reference import reference_attention
+from sparse_transformer.model.kernels.reference import reference_attention
 
 
 def random_layout(n_heads: int, n_blocks: int, density: float, seed: int) -> torch.Tensor:

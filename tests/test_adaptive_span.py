@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparse_transformer.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig, ramp_mask, span_metrics
-from sparse_transformer.attention import CausalSelfAttention
 from sparse_transformer.errors import InputError
-from sparse_transformer.lightning_module import SparseTransformerLM
-from sparse_transformer.model import SparseTransformer
-from sparse_transformer.patterns import AttentionPattern, element_mask
+from sparse_transformer.model import ModelConfig, SparseTransformer
+from sparse_transformer.model.attention.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig, ramp_mask
+from sparse_transformer.model.attention.sparse import SparseAttention
+from sparse_transformer.model.patterns import AttentionPattern, element_mask
+from sparse_transformer.training.lightning_module import SparseTransformerLM
 
 STRIDED = AttentionPattern("strided", block_size=4, stride=8, heads="split")
 
@@ -19,7 +19,8 @@ STRIDED = AttentionPattern("strided", block_size=4, stride=8, heads="split")
 def span_attention(spans: list[float], max_span: int = 64, ramp: int = 4, chunk: int = 8, n: int = 48) -> AdaptiveSpanAttention:
     torch.manual_seed(0)
     config = AdaptiveSpanConfig(max_span=max_span, ramp=ramp, chunk_size=chunk)
-    attn = AdaptiveSpanAttention(16, len(spans), STRIDED.layout(len(spans), n), STRIDED.block_size, config)
+    network = ModelConfig(d_model=16, n_heads=len(spans), pattern=STRIDED, attention="adaptive_span", adaptive_span=config)
+    attn = AdaptiveSpanAttention(network, n, layer=0)
     with torch.no_grad():
         attn.span_fraction.copy_(torch.tensor(spans) / max_span)
     return attn.eval()
@@ -32,7 +33,7 @@ def masked_reference(attn: AdaptiveSpanAttention, x: torch.Tensor) -> torch.Tens
     allowed = element_mask(attn.layout, attn.block_size)[:, :N, :N]  # (H, N, N)
     pos = torch.arange(N)
     scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, -1) * ramp_mask(attn.spans(), pos[:, None] - pos[None, :], attn.config.ramp)
+    weights = torch.softmax(scores, -1) * ramp_mask(attn.spans(), pos[:, None] - pos[None, :], attn.options.ramp)
     y = weights / weights.sum(-1, keepdim=True) @ v  # (B, H, N, D)
     return attn.proj(y.transpose(1, 2).reshape(B, N, C))
 
@@ -74,7 +75,7 @@ def test_cost_falls_with_the_span():
 def test_full_span_is_the_sparse_pattern():
     n = 32
     attn = span_attention([n, n], max_span=n, n=n)
-    sparse = CausalSelfAttention(16, 2, attn.layout, STRIDED.block_size, "reference")
+    sparse = SparseAttention(ModelConfig(d_model=16, n_heads=2, pattern=STRIDED, backend="reference"), n, layer=0)
     sparse.load_state_dict(attn.state_dict(), strict=False)
     x = torch.randn(2, n, 16)
     with torch.no_grad():
@@ -96,21 +97,21 @@ def test_penalty_is_added_to_the_training_loss_and_spans_are_logged():
     torch.manual_seed(0)
     config = AdaptiveSpanConfig(max_span=32, ramp=4, init=0.25, penalty=0.01)
     lm = SparseTransformerLM(
-        seq_len=32, d_model=16, n_layers=2, n_heads=2, pattern=STRIDED, attention="adaptive_span", adaptive_span=config
+        ModelConfig(seq_len=32, d_model=16, n_layers=2, n_heads=2, pattern=STRIDED, attention="adaptive_span", adaptive_span=config)
     )
     batch = torch.randint(0, 256, (2, 33))
     assert lm.model.auxiliary_loss().item() == pytest.approx(2 * 0.01 * 8.0)  # 2 layers, mean span 0.25 * 32
     torch.testing.assert_close(lm.training_step(batch, 0), lm._loss(batch) + lm.model.auxiliary_loss())
-    metrics = span_metrics(lm.model)
+    metrics = lm.model.metrics()
     assert metrics["span/blocks.1.attn/head0"] == pytest.approx(8.0) and len(metrics) == 4
 
 
 def test_spans_return_to_range_before_each_step():
-    model = SparseTransformer(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=STRIDED, attention="adaptive_span")
+    model = SparseTransformer(ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=STRIDED, attention="adaptive_span"))
     attn = model.blocks[0].attn
     with torch.no_grad():
         attn.span_fraction.copy_(torch.tensor([-0.5, 1.5]))
-    model.before_train_step(1)
+    model.before_step(1)
     assert attn.span_fraction.tolist() == [0.0, 1.0]
 
 
@@ -128,7 +129,5 @@ def test_bad_options_are_refused(kwargs, message):
 
 
 def test_backend_is_refused_as_unused():
-    with pytest.raises(InputError, match="model.backend='blocks' picks a block-sparse kernel, which attention='adaptive_span'"):
-        SparseTransformer(
-            seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=STRIDED, attention="adaptive_span", backend="blocks"
-        )
+    with pytest.raises(InputError, match="backend='blocks' picks a block-sparse kernel, which attention='adaptive_span'"):
+        ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=STRIDED, attention="adaptive_span", backend="blocks")

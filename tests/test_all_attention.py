@@ -1,20 +1,25 @@
 """The all-attention layer: persistent memory through every backend equals one dense softmax over
 [memory; allowed context]; the block without its feed-forward sublayer has the expected parameters and trains."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_transformer.all_attention import PersistentMemory, memory_layout
-from sparse_transformer.attention import CausalSelfAttention
 from sparse_transformer.errors import InputError
-from sparse_transformer.hourglass import HourglassConfig
-from sparse_transformer.kernels import get_backend
-from sparse_transformer.kernels.checks import check_layout
-from sparse_transformer.model import Block, SparseTransformer
-from sparse_transformer.patterns import AttentionPattern, element_mask
+from sparse_transformer.model import AttentionPattern, Block, ModelConfig, SparseTransformer
+from sparse_transformer.model.attention.persistent_memory import PersistentMemory, memory_layout
+from sparse_transformer.model.hourglass import HourglassConfig
+from sparse_transformer.model.kernels import get_backend
+from sparse_transformer.model.kernels.checks import check_layout
+from sparse_transformer.model.patterns import element_mask
+
+
+def memory_of(pattern: AttentionPattern, heads: int, head_dim: int, size: int, layout: torch.Tensor) -> PersistentMemory:
+    config = ModelConfig(d_model=heads * head_dim, n_heads=heads, pattern=pattern, persistent_memory=size)
+    return PersistentMemory(config, layout)
 
 PATTERNS = [
     AttentionPattern("dense", block_size=8),
@@ -55,7 +60,7 @@ def test_memory_joins_the_same_softmax_as_the_context(pattern, backend, n):
     torch.manual_seed(0)
     H, D, M = 2, 16, 2 * pattern.block_size
     layout = pattern.layout(H, max(n, 32))
-    memory = PersistentMemory(H, D, M, layout, pattern.block_size)
+    memory = memory_of(pattern, H, D, M, layout)
     q, k, v = (torch.randn(2, H, n, D, requires_grad=True) for _ in range(3))
     out = memory.attend(get_backend(backend, q.device), q, k, v)
     mask = element_mask(layout[:, : n // pattern.block_size, : n // pattern.block_size], pattern.block_size)
@@ -73,7 +78,7 @@ def test_flex_backend_forward_matches_too():
     torch.manual_seed(0)
     pattern = AttentionPattern("fixed", block_size=16, stride=32, summary=16, heads="split")
     layout = pattern.layout(2, 64)
-    memory = PersistentMemory(2, 16, 16, layout, 16)
+    memory = memory_of(pattern, 2, 16, 16, layout)
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     with torch.no_grad():
         out = memory.attend(get_backend("flex", q.device), q, k, v)
@@ -90,13 +95,14 @@ def test_flex_backend_forward_matches_too():
 )
 def test_bad_memory_size_is_refused(value, message):
     with pytest.raises(InputError, match=message):
-        SparseTransformer(64, d_model=32, n_layers=2, n_heads=2, pattern=AttentionPattern(block_size=8), persistent_memory=value)
+        ModelConfig(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=AttentionPattern(block_size=8), persistent_memory=value)
 
 
 def test_block_without_ffn_has_the_expected_parameters():
-    C, H, M, layout = 32, 2, 16, AttentionPattern(block_size=8).layout(2, 64)
-    plain = Block(C, H, 4 * C, 0.0, layout, 8, "reference")
-    block = Block(C, H, 4 * C, 0.0, layout, 8, "reference", persistent_memory=M)
+    C, H, M = 32, 2, 16
+    config = ModelConfig(d_model=C, n_heads=H, pattern=AttentionPattern(block_size=8), backend="reference")
+    plain = Block(config, seq_len=64, layer=0)
+    block = Block(dataclasses.replace(config, persistent_memory=M), seq_len=64, layer=0)
     assert block.mlp is None and block.norm2 is None
     attention = 3 * C * C + 3 * C + C * C + C  # qkv and proj with biases
     memory = 2 * H * M * (C // H)  # keys and values: M vectors of d_head per head
@@ -110,7 +116,7 @@ def test_block_without_ffn_has_the_expected_parameters():
 def test_residual_init_counts_one_branch_per_all_attention_block():
     torch.manual_seed(0)
     pattern = AttentionPattern(block_size=8)
-    model = SparseTransformer(64, d_model=256, n_layers=4, n_heads=4, pattern=pattern, persistent_memory=8)
+    model = SparseTransformer(ModelConfig(seq_len=64, d_model=256, n_layers=4, n_heads=4, pattern=pattern, persistent_memory=8))
     std = torch.cat([b.attn.proj.weight.flatten() for b in model.blocks]).std().item()
     assert abs(std - 0.02 / math.sqrt(4)) < 0.001
 
@@ -119,7 +125,8 @@ def test_all_attention_model_trains_without_ffn():
     """A tiny all-attention model learns to continue a fixed byte string; its memory is trained too."""
     torch.manual_seed(0)
     pattern = AttentionPattern("strided", block_size=8, stride=16, heads="split")
-    model = SparseTransformer(32, d_model=32, n_layers=2, n_heads=2, pattern=pattern, backend="blocks", persistent_memory=8)
+    config = ModelConfig(seq_len=32, d_model=32, n_layers=2, n_heads=2, pattern=pattern, backend="blocks", persistent_memory=8)
+    model = SparseTransformer(config)
     data = torch.randint(0, 256, (4, 33))
     before = model.blocks[0].attn.memory.keys.detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -137,14 +144,14 @@ def test_all_attention_model_trains_without_ffn():
 def test_memory_in_an_hourglass_gives_the_same_logits_on_every_backend():
     torch.manual_seed(0)
     pattern = AttentionPattern("fixed", block_size=16, stride=32, summary=16, heads="split")
-    config = HourglassConfig("1@1 1@2 1@1")
-    model = SparseTransformer(64, d_model=32, n_layers=3, n_heads=2, pattern=pattern, persistent_memory=16, hourglass=config)
+    hourglass = HourglassConfig("1@1 1@2 1@1")
+    config = ModelConfig(seq_len=64, d_model=32, n_layers=3, n_heads=2, pattern=pattern, persistent_memory=16, hourglass=hourglass)
+    model = SparseTransformer(config)
     x = torch.randint(0, 256, (2, 50))
     logits = {}
     for backend in ("reference", "blocks", "triton"):
-        for m in model.modules():
-            if isinstance(m, CausalSelfAttention):
-                m.backend = backend
+        for block in model.all_blocks():
+            block.attn.backend = backend
         logits[backend] = model.eval()(x)
     torch.testing.assert_close(logits["blocks"], logits["reference"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-5, rtol=1e-5)

@@ -4,10 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_transformer.attention import CausalSelfAttention
-from sparse_transformer.kernels import get_backend
-from sparse_transformer.kernels.reference import reference_attention
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.model import ModelConfig
+from sparse_transformer.model.attention.sparse import SparseAttention
+from sparse_transformer.model.config import ConfigError
+from sparse_transformer.model.kernels import get_backend
+from sparse_transformer.model.kernels.reference import reference_attention
+from sparse_transformer.model.patterns import AttentionPattern
 
 PATTERNS = [
     AttentionPattern("dense", block_size=4),
@@ -48,7 +50,7 @@ def test_reference_sparse_equals_explicit_masked_softmax():
 def test_outputs_never_depend_on_the_future(pattern, backend):
     torch.manual_seed(0)
     n, t = 32, 13
-    attn = CausalSelfAttention(16, 2, pattern.layout(2, n, layer=1), pattern.block_size, backend)
+    attn = SparseAttention(ModelConfig(d_model=16, n_heads=2, pattern=pattern, backend=backend), n, layer=1)
     x = torch.randn(2, n, 16)
     x2 = x.clone()
     x2[:, t + 1 :] = torch.randn(2, n - t - 1, 16)
@@ -60,5 +62,5 @@ def test_outputs_never_depend_on_the_future(pattern, backend):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="attention backend 'cudnn' is not one of auto, triton"):
         get_backend("cudnn", torch.device("cpu"))
-    with pytest.raises(ValueError, match="attention backend 'cudnn' is not one of"):
-        CausalSelfAttention(16, 2, torch.ones(2, 1, 1, dtype=torch.bool), 4, "cudnn")
+    with pytest.raises(ConfigError, match="attention backend 'cudnn' is not one of"):
+        ModelConfig(d_model=16, n_heads=2, backend="cudnn")

@@ -31,19 +31,33 @@ def fails(capsys, *args: str) -> str:
 def checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     train.main(["fit", "--config", TINY, "--trainer.max_steps", "3", "--trainer.default_root_dir", str(out)])
-    return next(out.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    return out / "checkpoints" / "last.ckpt"
 
 
 def test_wrong_type_on_the_command_line(capsys):
-    error = fails(capsys, "--model.n_layers", "three")
-    assert error.startswith("error: Parser key \"model.n_layers\": Expected a <class 'int'>. Got value: three")
+    error = fails(capsys, "--model.network.n_layers", "three")
+    assert error.startswith("error: Parser key \"model.network.n_layers\": Expected a <class 'int'>. Got value: three")
 
 
 def test_wrong_type_in_a_config_file(capsys, tmp_path):
     (tmp_path / "bad.yaml").write_text("data:\n  init_args:\n    batch_size: [4]\n")
     error = fails(capsys, "--config", str(tmp_path / "bad.yaml"))
-    cause = "Parser key \"batch_size\": Expected a <class 'int'>. Got value: [4]"
-    assert error == f"error: data (data.text.ByteTextDataModule): {cause} (see --help)"
+    assert error == "error: Parser key \"batch_size\": Expected a <class 'int'>. Got value: [4] (see --help)"
+
+
+def test_model_options_are_checked_where_they_are_declared(capsys, tmp_path):
+    error = fails(capsys, "--model.network.n_heads", "3", "--trainer.default_root_dir", str(tmp_path))
+    assert error == "error: d_model=32 is not divisible by n_heads=3"
+
+
+def test_a_data_module_refusal_is_one_line(capsys, tmp_path):
+    error = fails(capsys, "--data", "sparse_transformer.data.ImageFolderDataModule", "--data.root", str(tmp_path), "--data.channels", "2")
+    assert error == "error: image_size=32 must be >= 1 and channels=2 must be 1 or 3"
+
+
+def test_positions_that_contradict_the_data(capsys, tmp_path):
+    error = fails(capsys, "--model.network.positions", "[4, 4]", "--trainer.default_root_dir", str(tmp_path))
+    assert error == "error: positions=[4, 4] multiply to 16, but the data's seq_len is 64; leave positions out to derive them from the data"
 
 
 def test_sequence_length_that_does_not_tile(capsys, tmp_path):
@@ -53,15 +67,24 @@ def test_sequence_length_that_does_not_tile(capsys, tmp_path):
 
 def test_corrupt_enwik8(capsys, tmp_path):
     (tmp_path / "enwik8").write_bytes(b"<mediawiki> cut short")
-    args = ["--data", "data.text.Enwik8DataModule", "--data.root", str(tmp_path), "--data.seq_len", "64"]
+    args = ["--data", "sparse_transformer.data.Enwik8DataModule", "--data.root", str(tmp_path), "--data.seq_len", "64"]
     error = fails(capsys, *args, "--trainer.default_root_dir", str(tmp_path))
     assert error == f"error: {tmp_path / 'enwik8'} has 21 bytes, enwik8 has 100000000: delete it and download again"
 
 
 def test_resume_without_a_last_checkpoint(capsys, tmp_path):
     error = fails(capsys, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path))
-    assert error.startswith("error: --ckpt_path last: no last.ckpt (ModelCheckpoint has no dirpath")
+    assert error.startswith(f"error: --ckpt_path last: no {tmp_path / 'checkpoints' / 'last.ckpt'}; resume a run by naming its folder")
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_new_run_refuses_a_folder_that_holds_another_runs_checkpoints(capsys, checkpoint):
+    run = checkpoint.parents[1]
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    error = fails(capsys, "--trainer.default_root_dir", str(run), "--model.lr", "1e-3")
+    assert error.startswith(f"error: {run} already holds a run's checkpoints (last.ckpt")
+    assert "--ckpt_path last" in error and "--trainer.default_root_dir" in error
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing of the old run touched
 
 
 def test_resume_from_a_missing_or_corrupt_checkpoint(capsys, tmp_path):
@@ -74,8 +97,8 @@ def test_resume_from_a_missing_or_corrupt_checkpoint(capsys, tmp_path):
 
 
 def test_resume_from_a_checkpoint_of_another_model(capsys, checkpoint):
-    error = fails(capsys, "--ckpt_path", str(checkpoint), "--model.n_layers", "3", "--model.d_model", "48")
-    differ = "d_model: checkpoint 32, config 48, n_layers: checkpoint 2, config 3"
+    error = fails(capsys, "--ckpt_path", str(checkpoint), "--model.network.n_layers", "3", "--model.network.d_model", "48")
+    differ = "network.d_model: checkpoint 32, config 48, network.n_layers: checkpoint 2, config 3"
     assert (
         error
         == f"error: checkpoint {checkpoint} does not match the configured model ({differ}); resume with the checkpoint's settings or start a new run"

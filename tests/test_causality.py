@@ -9,15 +9,14 @@ its model arguments to ATTENTION; a new architecture option, to ARCHITECTURES.
 import pytest
 import torch
 
-from sparse_transformer.adaptive_span import AdaptiveSpanConfig
-from sparse_transformer.hourglass import HourglassConfig
-from sparse_transformer.model import SparseTransformer
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
+from sparse_transformer.model.attention import AdaptiveSpanConfig
+from sparse_transformer.model.hourglass import HourglassConfig
 
 SEQ_LEN = 48
 POSITIONS = [0, 1, 2, 3, 5, 6, 7, 11, 12, 13, 17, 18, 23, 24, 29, 35, 36, 46, 47]
 
-# name -> SparseTransformer arguments that select the attention kind.
+# name -> ModelConfig options that select the attention kind.
 ATTENTION = {
     "sparse": {},
     "performer": dict(attention="performer"),
@@ -26,7 +25,7 @@ ATTENTION = {
     ),
 }
 
-# name -> SparseTransformer arguments of an architecture option (with the n_layers they imply).
+# name -> ModelConfig options of an architecture option (with the n_layers they imply).
 ARCHITECTURES = {
     "plain": dict(n_layers=2),
     "memory": dict(n_layers=2, persistent_memory=8),
@@ -64,7 +63,7 @@ def cases() -> list[tuple[str, str, str, str]]:
 def test_outputs_before_t_never_depend_on_position_t(attention, architecture, pattern, backend):
     torch.manual_seed(0)
     args = dict(seq_len=SEQ_LEN, d_model=32, n_heads=2, pattern=PATTERNS[pattern], backend=backend)
-    model = SparseTransformer(**args, **ATTENTION[attention], **ARCHITECTURES[architecture]).eval()
+    model = SparseTransformer(ModelConfig(**args, **ATTENTION[attention], **ARCHITECTURES[architecture])).eval()
     x = torch.randint(0, 256, (1, SEQ_LEN))
     batch = x.repeat(len(POSITIONS) + 1, 1)  # row 0 unchanged, row r + 1 changed at POSITIONS[r]
     for r, t in enumerate(POSITIONS):

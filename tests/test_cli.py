@@ -16,18 +16,20 @@ def checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.default_root_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    (ckpt,) = out.glob("lightning_logs/version_0/checkpoints/last.ckpt")
-    return ckpt
+    return out / "checkpoints" / "last.ckpt"
 
 
 def test_fit_writes_checkpoints_and_metrics(checkpoint):
     files = {p.name for p in checkpoint.parent.iterdir()}
-    assert "last.ckpt" in files and any(f.startswith("epoch=") for f in files)
+    assert "last.ckpt" in files and any(f.startswith("step=") and "-val_bpb=" in f for f in files)
+    run = checkpoint.parents[1]  # everything the run wrote is in its folder
+    assert {p.name for p in run.iterdir()} == {"checkpoints", "tensorboard", "csv", "samples", "config.yaml"}
+    assert (run / "csv" / "version_0" / "metrics.csv").is_file() and list((run / "samples").glob("step=6/sample_*.txt"))
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
-    assert state["hyper_parameters"]["pattern"]["kind"] == "strided"
-    assert state["hyper_parameters"]["seq_len"] == 64  # linked from data.seq_len
+    assert state["hyper_parameters"]["network"]["pattern"]["kind"] == "strided"
+    assert state["hyper_parameters"]["network"]["seq_len"] == 64  # linked from data.seq_len
 
 
 def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
@@ -51,16 +53,17 @@ def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
 
 
 def test_main_builds_objects_without_training():
-    cli = train.main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.n_layers", "3"], run=False)
+    cli = train.main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.network.n_layers", "3"], run=False)
     assert len(cli.model.model.blocks) == 3
-    assert cli.model.hparams.seq_len == cli.datamodule.seq_len == 64
+    assert cli.model.model.seq_len == cli.datamodule.seq_len == 64
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
-        (["--model.n_layerz", "3"], "error: unrecognized arguments: --model.n_layerz 3"),
-        (["--model.pattern.stride", "12"], "error: pattern stride=12 must be a positive multiple of block_size=8"),
+        (["--model.network.n_layerz", "3"], "error: unrecognized arguments: --model.network.n_layerz 3"),
+        (["--model.network.n_layer", "3"], "error: unrecognized arguments: --model.network.n_layer 3"),  # no prefixes
+        (["--model.network.pattern.stride", "12"], "error: pattern stride=12 must be a positive multiple of block_size=8"),
         (["--data.path", "/nonexistent/enwik8"], "error: data file /nonexistent/enwik8 not found"),
     ],
 )
@@ -71,11 +74,9 @@ def test_bad_input_fails_with_one_clear_line(override, message, tmp_path):
 
 def test_bad_config_file_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  n_layerz: 3\n")
+    bad.write_text("model:\n  network:\n    n_layerz: 3\n")
     result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--config", str(bad))
-    assert result.returncode == 2
-    assert "error: Subcommand 'fit' does not accept option 'model.n_layerz'" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert one_error_line(result).startswith("error: Subcommand 'fit' does not accept option 'model.network.n_layerz'")
 
 
 def test_sample_refuses_missing_or_corrupt_checkpoint(tmp_path):
@@ -90,7 +91,7 @@ def test_sample_refuses_missing_or_corrupt_checkpoint(tmp_path):
 
 def test_sample_refuses_a_checkpoint_whose_weights_do_not_fit_its_config(checkpoint, tmp_path):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state["hyper_parameters"]["n_layers"] = 3  # the weights are of 2 layers
+    state["hyper_parameters"]["network"]["n_layers"] = 3  # the weights are of 2 layers
     torch.save(state, tmp_path / "mismatched.ckpt")
     error = one_error_line(run("sample.py", "--ckpt", str(tmp_path / "mismatched.ckpt")))
     assert error.startswith(f"error: checkpoint {tmp_path / 'mismatched.ckpt'} does not match the model it describes (")
@@ -100,5 +101,5 @@ def test_sample_refuses_a_checkpoint_whose_weights_do_not_fit_its_config(checkpo
 def test_print_config_shows_the_resolved_options():
     result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
-    for line in ("  pattern:", "    kind: strided", "    stride: 16", "  class_path: data.text.ByteTextDataModule"):
+    for line in ("    pattern:", "      kind: strided", "      stride: 16", "  class_path: sparse_transformer.data.ByteTextDataModule"):
         assert line in result.stdout.splitlines()

@@ -18,16 +18,17 @@ common:
 variants:
   strided: {}
   performer:
-    model.pattern.kind: dense
-    model.attention: performer
-    model.performer.features: 8
+    model.network.pattern.kind: dense
+    model.network.attention: performer
+    model.network.performer.features: 8
 """
 
 
 def test_options_become_cli_arguments():
-    options = {"model.attention": "performer", "trainer.max_steps": 3, "model.shape": [4, 4], "data.init_args.path": None}
+    options = {"model.network.attention": "performer", "trainer.max_steps": 3, "model.network.positions": [4, 4], "data.init_args.path": None}
     assert compare.cli_args(options) == [
-        "--model.attention", "performer", "--trainer.max_steps", "3", "--model.shape", "[4, 4]", "--data.init_args.path", "null",
+        "--model.network.attention", "performer", "--trainer.max_steps", "3", "--model.network.positions", "[4, 4]",
+        "--data.init_args.path", "null",
     ]  # fmt: skip
 
 
@@ -65,13 +66,13 @@ def test_two_variants_train_and_are_tabulated(tmp_path):
         params, bpb, tokens_per_s = int(r[2].replace(",", "")), float(r[3]), float(r[4].replace(",", ""))
         assert params > 0 and 0 < bpb < 9 and tokens_per_s > 0
     assert "- command: `python bench/compare.py --config" in out.read_text()
-    assert (tmp_path / "runs" / "performer" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "runs" / "performer" / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.slow
 def test_a_bad_variant_stops_with_one_line_naming_it(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("base: configs/tiny.yaml\nvariants:\n  bad:\n    model.attention: performer\n")
+    config.write_text("base: configs/tiny.yaml\nvariants:\n  bad:\n    model.network.attention: performer\n")
     done = run("--config", str(config), "--out", str(tmp_path / "t.md"), "--root", str(tmp_path / "runs"))
     assert done.returncode == 2 and not (tmp_path / "t.md").exists()
     assert done.stderr.strip().startswith("error: variant 'bad': attention='performer' is global causal linear attention")

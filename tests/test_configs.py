@@ -1,66 +1,91 @@
-"""Every shipped config parses and builds its model and data through the real CLI, without training."""
+"""Every shipped config parses and builds its model, data and trainer through the real CLI, without training;
+each says only what differs from the shared setup, and gets all of that setup."""
 
 from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import train
 from sparse_transformer.model import Block
+from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO
+from sparse_transformer.training.checkpointing import RunCheckpoint
+from sparse_transformer.training.loss_guard import NonFiniteLossGuard
+from sparse_transformer.training.progress import RunProgressBar
+from sparse_transformer.training.sample_logger import SampleLogger
+from sparse_transformer.training.throughput import TokenThroughputMonitor
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+SHARED = (NonFiniteLossGuard, RunCheckpoint, LearningRateMonitor, TokenThroughputMonitor, RunProgressBar, SampleLogger)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds(config):
     cli = train.main(["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.logger", "false"], run=False)
     model, data = cli.model, cli.datamodule
-    assert model.hparams.seq_len == data.seq_len
+    assert model.model.seq_len == data.seq_len
     assert model.model.num_params() > 0
-    assert sum(isinstance(m, Block) for m in model.model.modules()) == model.hparams.n_layers
+    assert sum(isinstance(m, Block) for m in model.model.modules()) == model.model.config.n_layers
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_guards_checkpoints_and_measures(config):
-    trainer = yaml.safe_load(config.read_text())["trainer"]
-    callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in trainer["callbacks"]}
-    for name in ("NonFiniteLossGuard", "ModelCheckpoint", "LearningRateMonitor", "TokenThroughputMonitor"):
-        assert name in callbacks, f"{config.name} lacks {name}"
-    assert [p["class_path"].rsplit(".", 1)[1] for p in trainer["plugins"]] == ["AtomicCheckpointIO"]
+def test_every_config_gets_the_shared_setup_and_repeats_none_of_it(config):
+    trainer_section = yaml.safe_load(config.read_text())["trainer"]
+    assert not {"callbacks", "logger", "plugins"} & set(trainer_section), "the shared setup lives in training/cli.py"
     cli = train.main(["--config", str(config), "--trainer.accelerator", "cpu"], run=False)
-    assert callbacks["ModelCheckpoint"]["save_last"] and callbacks["ModelCheckpoint"]["monitor"] == f"val_{cli.model.unit}"
-    if "tiny" not in config.stem:  # what users run: a fixed checkpoint folder for --ckpt_path last, both loggers
-        assert callbacks["ModelCheckpoint"]["dirpath"] == f"{trainer['default_root_dir']}/checkpoints"
-        assert "RichProgressBar" in callbacks
-        loggers = {lg["class_path"].rsplit(".", 1)[1] for lg in trainer["logger"]}
-        assert loggers == {"TensorBoardLogger", "CSVLogger"}
+    trainer, root = cli.trainer, Path(trainer_section["default_root_dir"])
+    assert root == Path("runs") / config.stem  # the one place a config names its run folder
+    assert [sum(isinstance(c, kind) for c in trainer.callbacks) for kind in SHARED] == [1] * len(SHARED)
+    (checkpoint,) = [c for c in trainer.callbacks if isinstance(c, RunCheckpoint)]
+    assert Path(checkpoint.dirpath) == (root / "checkpoints").resolve() and checkpoint.monitor == f"val_{cli.model.unit}"
+    assert [type(lg) for lg in trainer.loggers] == [TensorBoardLogger, CSVLogger]
+    assert all(Path(lg.save_dir) == root for lg in trainer.loggers)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_the_paper_enwik8_setup():
     cli = train.main(["--config", str(CONFIGS[0].parent / "enwik8.yaml"), "--trainer.accelerator", "cpu"], run=False)
-    hp, pattern = cli.model.hparams, cli.config.model.pattern
-    assert (hp.n_layers, hp.d_model, hp.n_heads, cli.datamodule.seq_len) == (30, 512, 8, 12288)
+    network = cli.model.model.config
+    assert (network.n_layers, network.d_model, network.n_heads, cli.datamodule.seq_len) == (30, 512, 8, 12288)
+    pattern = network.pattern
     assert (pattern.kind, pattern.stride, pattern.summary, pattern.heads) == ("fixed", 128, 32, "merged")
 
 
 PAPER = {  # Child et al. (2019), section 7: layers, heads, d, dropout, stride, epochs; DataModule seq_len, positions
-    "cifar10": (128, 2, 256, 0.25, 96, 120, 3072, [32, 32, 3]),
-    "imagenet64": (48, 16, 512, 0.01, 128, 70, 12288, [64, 64, 3]),
-    "audio": (48, 16, 512, 0.0, 256, None, 65536, [256, 256]),
+    "cifar10": (128, 2, 256, 0.25, 96, 120, 3072, (32, 32, 3)),
+    "imagenet64": (48, 16, 512, 0.01, 128, 70, 12288, (64, 64, 3)),
+    "audio": (48, 16, 512, 0.0, 256, None, 65536, (256, 256)),
 }
 
 
 @pytest.mark.parametrize("name", PAPER)
 def test_the_paper_image_and_audio_setups(name):
-    config = yaml.safe_load((CONFIGS[0].parent / f"{name}.yaml").read_text())
+    path = CONFIGS[0].parent / f"{name}.yaml"
+    config = yaml.safe_load(path.read_text())
     layers, heads, width, dropout, stride, epochs, seq_len, positions = PAPER[name]
-    model = config["model"]
-    assert (model["n_layers"], model["n_heads"], model["d_model"], model["dropout"]) == (layers, heads, width, dropout)
-    assert (model["pattern"]["kind"], model["pattern"]["stride"]) == ("strided", stride)
-    assert (model["warmup_steps"], model["weight_decay"], config["trainer"]["gradient_clip_val"]) == (5000, 0.01, 1.0)
+    assert config["model"]["network"]["n_layers"] == layers
+    assert (config["model"]["warmup_steps"], config["model"]["weight_decay"], config["trainer"]["gradient_clip_val"]) == (
+        5000,
+        0.01,
+        1.0,
+    )
     assert config["trainer"].get("max_epochs") == epochs
-    # One layer is enough to check what the DataModule gives the model through the CLI.
-    args = ["--config", str(CONFIGS[0].parent / f"{name}.yaml"), "--trainer.accelerator", "cpu", "--model.n_layers", "1"]
+    # One layer is enough to check what the data gives the model through the CLI: the stride of cifar10 and
+    # every positional shape follow from the data.
+    args = ["--config", str(path), "--trainer.accelerator", "cpu", "--model.network.n_layers", "1"]
     lm = train.main(args, run=False).model
-    assert lm.hparams.seq_len == seq_len and list(lm.model.pos.shape) == positions
+    network = lm.model.config
+    assert (network.n_heads, network.d_model, network.dropout, network.pattern.kind) == (heads, width, dropout, "strided")
+    assert network.pattern.stride == stride and network.seq_len == seq_len and network.positions == positions
     assert lm.unit == "bpd"
+
+
+def test_changing_the_data_moves_what_follows_from_it():
+    tiny_images = ["--config", str(CONFIGS[0].parent / "cifar10-tiny.yaml"), "--trainer.accelerator", "cpu"]
+    network = train.main([*tiny_images, "--data.init_args.image_size", "16"], run=False).model.model.config
+    assert network.pattern.stride == 48 and network.positions == (16, 16, 3)  # one row of 16 RGB pixels
+    audio = ["--config", str(CONFIGS[0].parent / "audio-tiny.yaml"), "--trainer.accelerator", "cpu"]
+    network = train.main([*audio, "--data.init_args.seq_len", "512"], run=False).model.model.config
+    assert network.positions == (32, 16)  # a matrix as wide as the stride

@@ -7,9 +7,9 @@ import pytest
 import soundfile
 import torch
 
-from data.audio import AudioFolderDataModule, load_mu_law
+from sparse_transformer.data.audio import AudioFolderDataModule, load_mu_law
 from sparse_transformer.errors import InputError
-from sparse_transformer.modality import START, mu_law_decode
+from sparse_transformer.modality import START, Audio
 
 
 @pytest.fixture
@@ -27,14 +27,14 @@ def folder(tmp_path: Path) -> Path:
 def test_files_are_mono_resampled_mu_law(folder):
     codes = load_mu_law(folder / "stereo.flac", 8000)
     assert codes.dtype == np.uint8 and codes.shape == (4000,)
-    assert torch.allclose(mu_law_decode(torch.from_numpy(codes)), torch.tensor(-0.25), atol=0.01)
+    assert torch.allclose(Audio.to_waveform(torch.from_numpy(codes)), torch.tensor(-0.25), atol=0.01)
     assert load_mu_law(folder / "clip0.wav", 8000).shape == (800,)  # 1600 samples at 16 kHz -> 8 kHz
 
 
 def test_windows_splits_and_shapes(folder):
     dm = AudioFolderDataModule(root=str(folder), sample_rate=8000, seq_len=100, val_fraction=0.4, batch_size=2)
     dm.setup()
-    assert dm.modality == {"kind": "audio", "shape": None, "sample_rate": 8000}
+    assert dm.modality == Audio(8000) and dm.modality.spec() == {"kind": "audio", "sample_rate": 8000}
     assert (len(dm.train_files), len(dm.val_files)) == (3, 2)
     assert not set(dm.train_files) & set(dm.val_files)
     lengths = {

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import CIFAR10DataModule, ImageFolderDataModule, ImageNet64DataModule
+from sparse_transformer.data.images import CIFAR10DataModule, ImageFolderDataModule, ImageNet64DataModule
 from sparse_transformer.errors import InputError
 from sparse_transformer.modality import START
+from sparse_transformer.modality import Image as ImageModality
 
 
 def write_pngs(folder: Path, n: int, size: int = 8, seed: int = 0) -> list[np.ndarray]:
@@ -31,7 +32,7 @@ def test_images_become_start_then_raster_bytes(folder):
     root, images = folder
     dm = ImageFolderDataModule(root=str(root), image_size=8, val_fraction=0.25, batch_size=4)
     dm.setup()
-    assert dm.seq_len == 192 and dm.modality == {"kind": "image", "shape": [8, 8, 3], "sample_rate": None}
+    assert dm.seq_len == 192 and dm.modality == ImageModality((8, 8, 3))
     assert (len(dm.train), len(dm.val)) == (15, 5)
     seq = dm.val[0]
     assert seq.shape == (193,) and seq.dtype == torch.long and seq[0] == START

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import data.text as text
-from data.text import ByteTextDataModule, Enwik8DataModule
+import sparse_transformer.data.text as text
+from sparse_transformer.data.text import ByteTextDataModule, Enwik8DataModule
 from sparse_transformer.errors import InputError
 
 

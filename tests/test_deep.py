@@ -4,16 +4,16 @@ import math
 
 import torch
 
-from data.text import ByteTextDataModule
-from sparse_transformer.lightning_module import SparseTransformerLM
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.data.text import ByteTextDataModule
+from sparse_transformer.model import AttentionPattern, ModelConfig
+from sparse_transformer.training.lightning_module import SparseTransformerLM
 
 PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="split")
 
 
 def deep(**kwargs) -> SparseTransformerLM:
     args = dict(seq_len=32, d_model=16, n_layers=64, n_heads=2, pattern=PATTERN, backend="blocks")
-    return SparseTransformerLM(**{**args, **kwargs})
+    return SparseTransformerLM(ModelConfig(**{**args, **kwargs}))
 
 
 def test_64_layers_train_without_nan_and_the_loss_falls(one_thread):

@@ -1,20 +1,27 @@
 """Hourglass: the spec notation, the shift before pooling, the upsampling, padding, and the model around it."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.hourglass import HourglassConfig, HourglassError, Shortening, Upsampling, parse_spec, shortened_len
-from sparse_transformer.model import SparseTransformer
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
+from sparse_transformer.model.hourglass import HourglassConfig, HourglassError, Shortening, Upsampling, parse_spec, shortened_len
 
 PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="interleaved")
 
 
+def options(d_model: int, n_heads: int, block_size: int, hourglass: HourglassConfig) -> ModelConfig:
+    """The model options a Shortening or Upsampling of this hourglass reads."""
+    pattern = AttentionPattern(block_size=block_size)
+    return ModelConfig(d_model=d_model, n_heads=n_heads, n_layers=hourglass.n_layers, pattern=pattern, hourglass=hourglass)
+
+
 def tiny(spec: str, **kwargs) -> SparseTransformer:
-    config = HourglassConfig(spec, **kwargs)
-    args = dict(seq_len=64, d_model=32, n_layers=config.n_layers, n_heads=2, pattern=PATTERN, backend="reference")
-    return SparseTransformer(**args, hourglass=config)
+    hourglass = HourglassConfig(spec, **kwargs)
+    args = dict(seq_len=64, d_model=32, n_layers=hourglass.n_layers, n_heads=2, pattern=PATTERN, backend="reference")
+    return SparseTransformer(ModelConfig(**args, hourglass=hourglass))
 
 
 def test_spec_in_the_papers_notation():
@@ -55,7 +62,7 @@ def test_n_layers_must_match_the_spec():
     with pytest.raises(
         InputError, match="n_layers=4 does not match the 8 layers of hourglass spec '2@1 4@3 2@1'; set n_layers to 8"
     ):
-        SparseTransformer(64, d_model=32, n_layers=4, n_heads=2, pattern=PATTERN, hourglass=HourglassConfig("2@1 4@3 2@1"))
+        ModelConfig(seq_len=64, d_model=32, n_layers=4, n_heads=2, pattern=PATTERN, hourglass=HourglassConfig("2@1 4@3 2@1"))
 
 
 def test_levels_get_layouts_for_their_own_padded_length_and_global_layer_indices():
@@ -73,7 +80,7 @@ def test_shortening_shifts_right_by_k_minus_1_then_pools():
     """Token g of avg pooling is the mean of positions g*k - k + 1 ... g*k, zeros before the start."""
     torch.manual_seed(0)
     k, x = 3, torch.randn(2, 16, 4)
-    s = Shortening(k, 4, 2, 8, HourglassConfig("1@1 1@3 1@1", pooling="avg"))(x)
+    s = Shortening(k, options(4, 2, 8, HourglassConfig("1@1 1@3 1@1", pooling="avg")))(x)
     assert s.shape == (2, 8, 4)  # ceil(16 / 3) = 6 tokens, padded to a block of 8
     padded = torch.cat([torch.zeros(2, k - 1, 4), x], dim=1)
     for g in range(6):
@@ -89,7 +96,7 @@ def test_shortened_token_depends_exactly_on_its_window(pooling, attention_resamp
     torch.manual_seed(0)
     k, n = 4, 24
     config = HourglassConfig("1@1 1@4 1@1", pooling=pooling, attention_resampling=attention_resampling)
-    shorten = Shortening(k, 8, 2, 1, config)
+    shorten = Shortening(k, options(8, 2, 1, config))
     x = torch.randn(1, n, 8, requires_grad=True)
     s = shorten(x)
     for g in range(n // k):
@@ -104,7 +111,7 @@ def test_upsampled_position_sees_only_tokens_up_to_its_own(upsampling, attention
     torch.manual_seed(0)
     k, m, n = 3, 6, 16
     config = HourglassConfig("1@1 1@3 1@1", upsampling=upsampling, attention_resampling=attention_resampling)
-    up = Upsampling(k, 8, 2, config)
+    up = Upsampling(k, options(8, 2, 8, config))
     s = torch.randn(1, m, 8, requires_grad=True)
     out = up(s, torch.zeros(1, n, 8))
     assert out.shape == (1, n, 8)
@@ -130,7 +137,7 @@ def test_lengths_the_factors_do_not_divide_are_padded(spec):
 def test_linear_resampling_adds_the_expected_parameters():
     torch.manual_seed(0)
     C, k = 32, 3
-    flat = SparseTransformer(64, d_model=C, n_layers=3, n_heads=2, pattern=PATTERN)
+    flat = SparseTransformer(ModelConfig(seq_len=64, d_model=C, n_layers=3, n_heads=2, pattern=PATTERN))
     linear = tiny("1@1 1@3 1@1")
     simple = tiny("1@1 1@3 1@1", pooling="avg", upsampling="repeat")
     assert simple.num_params() == flat.num_params()
@@ -143,7 +150,7 @@ def test_recompute_gives_the_same_gradients():
     x = torch.randint(0, 256, (2, 40))
     grads = []
     for recompute in (False, True):
-        model.recompute = recompute
+        model.config = dataclasses.replace(model.config, recompute=recompute)
         model.zero_grad()
         model(x).square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters()])

@@ -5,9 +5,9 @@ import pytest
 import torch
 from oracle import random_layout, single_block_rows
 
-from sparse_transformer.kernels.blocks import blocks_attention
-from sparse_transformer.kernels.reference import reference_attention
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.model.kernels.blocks import blocks_attention
+from sparse_transformer.model.kernels.reference import reference_attention
+from sparse_transformer.model.patterns import AttentionPattern
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # of the reference's max |value|
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from oracle import random_layout, single_block_rows
 
-from sparse_transformer.kernels.flex import flex_attention, flex_block_mask, flex_tile
-from sparse_transformer.kernels.reference import reference_attention
-from sparse_transformer.patterns import AttentionPattern, element_mask
+from sparse_transformer.model.kernels.flex import flex_attention, flex_block_mask, flex_tile
+from sparse_transformer.model.kernels.reference import reference_attention
+from sparse_transformer.model.patterns import AttentionPattern, element_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # of the reference's max |value|

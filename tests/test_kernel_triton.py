@@ -9,9 +9,9 @@ import pytest
 import torch
 from oracle import random_layout, single_block_rows
 
-from sparse_transformer.kernels import blocksparse
-from sparse_transformer.kernels.blocksparse import blocksparse_attention
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.model.kernels import blocksparse
+from sparse_transformer.model.kernels.blocksparse import blocksparse_attention
+from sparse_transformer.model.patterns import AttentionPattern
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # of the reference's max |value|

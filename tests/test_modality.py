@@ -7,28 +7,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparse_transformer.modality import (
-    TEXT,
-    audio_modality,
-    bytes_to_images,
-    image_modality,
-    image_to_bytes,
-    mu_law_decode,
-    mu_law_encode,
-    png_bytes,
-    samples_to_files,
-    unit,
-    wav_bytes,
-)
+import pytest
+
+from sparse_transformer.errors import InputError
+from sparse_transformer.modality import Audio, Modality, Text, png_bytes
+from sparse_transformer.modality import Image as ImageModality
 
 
 def test_image_bytes_are_raster_order_with_channels_interleaved():
     image = torch.randint(0, 256, (4, 5, 3), dtype=torch.uint8)  # (H, W, C)
-    flat = image_to_bytes(image)
+    flat = ImageModality.to_tokens(image)
     assert flat.shape == (60,)
     # Byte (r * W + c) * C + ch is channel ch of the pixel at row r, column c.
     assert flat[(2 * 5 + 3) * 3 + 1] == image[2, 3, 1]
-    back = bytes_to_images(flat[None].long(), [4, 5, 3])  # (1, C, H, W)
+    back = ImageModality((4, 5, 3)).to_images(flat[None].long())  # (1, C, H, W)
     assert torch.equal(back[0].permute(1, 2, 0), image)
 
 
@@ -42,27 +34,50 @@ def test_png_grid_decodes_to_the_same_pixels():
 
 def test_mu_law_error_is_within_the_quantisation_bound():
     x = torch.linspace(-1, 1, 20001)
-    codes = mu_law_encode(x)
+    codes = Audio.to_tokens(x)
     assert codes.dtype == torch.uint8 and codes.min() == 0 and codes.max() == 255
-    err = (mu_law_decode(codes) - x).abs()
+    err = (Audio.to_waveform(codes) - x).abs()
     # 256 uniform levels of the companded signal: half a level is 1/255 there, which maps back to
     # at most (|x| + 1/mu) * ((1 + mu)^(1/255) - 1) in the waveform.
     mu = 255
     bound = (x.abs() + 1 / mu) * ((1 + mu) ** (1 / 255) - 1) + 1e-6
     assert (err <= bound).all()
     assert err.max() > 0.5 * bound.max()  # the bound is tight, not vacuous
-    assert torch.equal(mu_law_encode(mu_law_decode(codes)), codes)
+    assert torch.equal(Audio.to_tokens(Audio.to_waveform(codes)), codes)
 
 
 def test_wav_output_has_the_rate_and_length():
-    codes = mu_law_encode(torch.sin(torch.arange(800) / 10))
-    with wave.open(io.BytesIO(wav_bytes(codes, 8000))) as w:
+    codes = Audio.to_tokens(torch.sin(torch.arange(800) / 10))
+    with wave.open(io.BytesIO(Audio(8000).wav_bytes(codes))) as w:
         assert (w.getframerate(), w.getnframes(), w.getnchannels(), w.getsampwidth()) == (8000, 800, 1, 2)
 
 
 def test_units_and_file_names_follow_the_modality():
-    assert (unit(TEXT), unit(image_modality((8, 8, 3))), unit(audio_modality(8000))) == ("bpb", "bpd", "bpd")
+    text, image, audio = Text(), ImageModality((8, 8, 3)), Audio(8000)
+    assert (text.unit, image.unit, audio.unit) == ("bpb", "bpd", "bpd")
     tokens = torch.randint(0, 256, (2, 192))
-    assert list(samples_to_files(tokens, TEXT)) == ["sample_0.txt", "sample_1.txt"]
-    assert list(samples_to_files(tokens, image_modality((8, 8, 3)))) == ["samples.png"]
-    assert list(samples_to_files(tokens, audio_modality(8000))) == ["sample_0.wav", "sample_1.wav"]
+    assert list(text.files(tokens)) == ["sample_0.txt", "sample_1.txt"]
+    assert list(image.files(tokens)) == ["samples.png"]
+    assert list(audio.files(tokens)) == ["sample_0.wav", "sample_1.wav"]
+
+
+def test_specs_round_trip_and_bad_ones_are_named():
+    for modality in (Text(), ImageModality((8, 8, 3)), Audio(8000)):
+        assert Modality.from_spec(modality.spec()) == modality
+    assert Modality.from_spec(None) == Text()
+    with pytest.raises(InputError, match="modality 'video' is not one of text, image, audio"):
+        Modality.from_spec({"kind": "video"})
+
+
+def test_how_samples_start_and_how_long_they_are():
+    text, image, audio = Text(), ImageModality((4, 4, 3)), Audio(8000)
+    assert text.first_tokens(None) == [10] and text.first_tokens(b"Hi") == [72, 105]
+    assert image.first_tokens(None) == audio.first_tokens(None) == [0]
+    assert text.sample_length(None, 64, prompt_len=4) == 61  # fills the context after the prompt
+    assert image.sample_length(None, 48, 1) == 48 and audio.sample_length(20, 64, 1) == 20
+    with pytest.raises(InputError, match="--prompt is for text models; this checkpoint models images"):
+        image.first_tokens(b"x")
+    with pytest.raises(InputError, match="--length=5: an image sample has 48 tokens, one whole image"):
+        image.sample_length(5, 48, 1)
+    with pytest.raises(InputError, match="--complete needs an image checkpoint; this one models audio"):
+        audio.complete(None, lambda n: None, 1, 1.0, None, None)

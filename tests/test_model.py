@@ -5,17 +5,20 @@ import math
 import pytest
 import torch
 
-from data.text import EMBEDDED_CORPUS
-from sparse_transformer.lightning_module import SparseTransformerLM, warmup_cosine
-from sparse_transformer.model import PositionalEmbedding, SparseTransformer
-from sparse_transformer.patterns import AttentionPattern, PatternError
+from sparse_transformer.data.text import EMBEDDED_CORPUS
+from sparse_transformer.modality import Audio, Image
+from sparse_transformer.model import ModelConfig, SparseTransformer
+from sparse_transformer.model.config import ConfigError
+from sparse_transformer.model.patterns import AttentionPattern, PatternError
+from sparse_transformer.model.transformer import PositionalEmbedding
+from sparse_transformer.training.lightning_module import SparseTransformerLM, warmup_cosine
 
 PATTERN = AttentionPattern("fixed", block_size=8, stride=16, summary=4, heads="interleaved")
 
 
 def tiny(**kwargs) -> SparseTransformer:
     args = dict(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=PATTERN, backend="reference")
-    return SparseTransformer(**{**args, **kwargs})
+    return SparseTransformer(ModelConfig(**{**args, **kwargs}))
 
 
 def test_forward_shapes_and_short_inputs():
@@ -57,8 +60,8 @@ def test_factorized_positions_sum_one_vector_per_axis():
     expected = pos.tables[0][r] + pos.tables[1][c] + pos.tables[2][ch]
     torch.testing.assert_close(table[r * 12 + c * 3 + ch], expected)
     assert sum(p.numel() for p in pos.parameters()) == (4 + 4 + 3) * 8
-    with pytest.raises(ValueError, match=r"positional shape \[4, 4\] does not multiply to seq_len=64"):
-        tiny(shape=(4, 4))
+    with pytest.raises(ConfigError, match=r"positions=\[4, 4\] multiply to 16, but the data's seq_len is 64"):
+        tiny(positions=(4, 4))
 
 
 def test_recompute_gives_the_same_loss_and_gradients():
@@ -85,7 +88,8 @@ def test_warmup_then_cosine_schedule():
 def test_overfits_a_batch_of_real_text():
     """The loss on one batch of the shipped corpus falls far below its starting 8 bits per byte."""
     torch.manual_seed(0)
-    module = SparseTransformerLM(seq_len=64, d_model=64, n_layers=2, n_heads=2, pattern=PATTERN, backend="reference")
+    network = ModelConfig(seq_len=64, d_model=64, n_layers=2, n_heads=2, pattern=PATTERN, backend="reference")
+    module = SparseTransformerLM(network)
     text = EMBEDDED_CORPUS.read_bytes()[:4 * 65]
     batch = torch.tensor(list(text)).view(4, 65)
     opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
@@ -97,3 +101,33 @@ def test_overfits_a_batch_of_real_text():
         opt.step()
     assert first / math.log(2) > 7.5
     assert loss.item() / math.log(2) < 1.5
+
+
+def test_options_are_checked_where_they_are_declared():
+    for options, message in [
+        (dict(n_heads=3), "d_model=32 is not divisible by n_heads=3"),
+        (dict(n_layers=0), "model n_layers=0 must be an int >= 1"),
+        (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
+        (dict(backend="cudnn"), "attention backend 'cudnn' is not one of auto, triton"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig(d_model=32, **options)
+
+
+def test_stride_and_positions_follow_the_data_unless_set():
+    strided = AttentionPattern("strided", block_size=8)
+    image = SparseTransformer(ModelConfig(seq_len=192, d_model=16, n_heads=2, pattern=strided), Image((8, 8, 3))).config
+    assert image.pattern.stride == 24 and image.positions == (8, 8, 3)  # one row: 8 pixels x 3 channels
+    wide = SparseTransformer(ModelConfig(seq_len=3072, d_model=16, n_heads=2, pattern=strided, n_layers=1), Image((32, 32, 3)))
+    assert wide.config.pattern.stride == 96
+    audio = ModelConfig(seq_len=256, d_model=16, n_heads=2, pattern=strided).resolve(Audio(8000))
+    assert audio.pattern.stride == 16 and audio.positions == (16, 16)  # sqrt(N), and a matrix as wide as it
+    text = ModelConfig(seq_len=256, d_model=16, n_heads=2, pattern=AttentionPattern("strided", block_size=8, stride=32))
+    assert text.resolve(Audio(8000)).positions == (8, 32) and text.resolve(Image((16, 16, 1))).pattern.stride == 32
+    with pytest.raises(ConfigError, match=r"positions=\[8, 8, 3\] multiply to 192, but the data's seq_len is 3072"):
+        ModelConfig(seq_len=3072, d_model=16, n_heads=2, positions=(8, 8, 3)).resolve(Image((32, 32, 3)))
+    row = r"pattern stride=30 must be a positive multiple of block_size=4 \(stride 30 follows from the images\)"
+    with pytest.raises(ConfigError, match=row):
+        ModelConfig(seq_len=300, d_model=16, n_heads=2, pattern=AttentionPattern("strided", block_size=4)).resolve(Image((10, 10, 3)))
+    with pytest.raises(ConfigError, match="pattern stride=128 is longer than the context seq_len=64"):
+        tiny(pattern=AttentionPattern("strided", block_size=8, stride=128))

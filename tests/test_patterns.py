@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from sparse_transformer.patterns import AttentionPattern, PatternError, density, element_mask
+from sparse_transformer.model.patterns import AttentionPattern, PatternError, density, element_mask
 
 
 def brute_rules(kind: str, n: int, l: int, c: int) -> list[set[tuple[int, int]]]:

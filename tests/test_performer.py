@@ -8,10 +8,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.lightning_module import SparseTransformerLM
-from sparse_transformer.model import SparseTransformer
-from sparse_transformer.patterns import AttentionPattern
-from sparse_transformer.performer import PerformerAttention, PerformerConfig, favor_causal, orthogonal_gaussian
+from sparse_transformer.model import AttentionPattern, ModelConfig
+from sparse_transformer.model.attention.performer import PerformerAttention, PerformerConfig, favor_causal, orthogonal_gaussian
+from sparse_transformer.training.lightning_module import SparseTransformerLM
+
+
+def performer(features: int, chunk_size: int = 64, d_model: int = 32, n_heads: int = 2) -> PerformerAttention:
+    options = PerformerConfig(features=features, chunk_size=chunk_size)
+    config = ModelConfig(d_model=d_model, n_heads=n_heads, pattern=AttentionPattern("dense"), attention="performer", performer=options)
+    return PerformerAttention(config, seq_len=64, layer=0)
 
 
 def qkv(n: int = 64, d: int = 16, scale: float = 0.5, dtype=torch.float64, seed: int = 0) -> list[torch.Tensor]:
@@ -77,7 +82,7 @@ def test_no_n_by_n_matrix_forward_or_backward():
 
 def test_causal_even_when_a_later_input_is_huge():
     torch.manual_seed(0)
-    attn = PerformerAttention(32, 2, PerformerConfig(features=16, chunk_size=8)).eval()
+    attn = performer(features=16, chunk_size=8).eval()
     x = torch.randn(2, 40, 32)
     t = 21  # mid-chunk: a later key in the same chunk must not move the stabiliser of earlier queries
     changed = x.clone()
@@ -99,17 +104,17 @@ def test_stable_in_low_precision(dtype):
 
 def test_only_the_dense_pattern_and_auto_backend_are_accepted():
     args = dict(seq_len=32, d_model=16, n_layers=1, n_heads=2, attention="performer")
-    SparseTransformer(**args, pattern=AttentionPattern("dense", block_size=8))
+    ModelConfig(**args, pattern=AttentionPattern("dense", block_size=8))
     with pytest.raises(InputError, match="attention='performer' is global causal linear attention; pattern.kind='strided'"):
-        SparseTransformer(**args, pattern=AttentionPattern("strided", block_size=8, stride=16))
-    with pytest.raises(InputError, match="model.backend='triton' picks a block-sparse kernel"):
-        SparseTransformer(**args, pattern=AttentionPattern("dense", block_size=8), backend="triton")
+        ModelConfig(**args, pattern=AttentionPattern("strided", block_size=8, stride=16))
+    with pytest.raises(InputError, match="backend='triton' picks a block-sparse kernel"):
+        ModelConfig(**args, pattern=AttentionPattern("dense", block_size=8), backend="triton")
     with pytest.raises(InputError, match="performer features=0 must be >= 1"):
         PerformerConfig(features=0)
 
 
 def test_redraw_is_seeded_by_step_and_saved_in_the_state_dict():
-    attn = PerformerAttention(32, 2, PerformerConfig(features=8))
+    attn = performer(features=8)
     assert {"seed", "features"} <= set(attn.state_dict())
     attn.redraw(10)
     first = attn.features.clone()
@@ -140,7 +145,7 @@ class FeatureLog(L.Callback):
 
 def test_redraw_follows_the_training_step_and_never_happens_in_eval(tmp_path):
     torch.manual_seed(0)
-    lm = SparseTransformerLM(
+    network = ModelConfig(
         seq_len=16,
         d_model=16,
         n_layers=1,
@@ -148,8 +153,8 @@ def test_redraw_follows_the_training_step_and_never_happens_in_eval(tmp_path):
         pattern=AttentionPattern("dense", block_size=8),
         attention="performer",
         performer=PerformerConfig(features=8, redraw_every=2),
-        warmup_steps=1,
     )
+    lm = SparseTransformerLM(network, warmup_steps=1)
     data = DataLoader(torch.randint(0, 256, (24, 17)), batch_size=4)
     log = FeatureLog()
     trainer = L.Trainer(
@@ -169,5 +174,5 @@ def test_redraw_follows_the_training_step_and_never_happens_in_eval(tmp_path):
     assert same == [True, False, True, False]  # steps 0-1 initial, new features at steps 2 and 4
     assert torch.equal(log.val[0], log.train[2])  # validation after step 3 uses the step-2 features
     lm.eval()
-    lm.model.before_train_step(6)
+    lm.model.before_step(6)
     assert torch.equal(lm.model.blocks[0].attn.features, log.train[-1])

@@ -1,22 +1,25 @@
 """SampleLogger: every k-th validation writes samples as the modality wants them, and to TensorBoard."""
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sparse_transformer.lightning_module import SparseTransformerLM
-from sparse_transformer.modality import image_modality
-from sparse_transformer.patterns import AttentionPattern
-from sparse_transformer.sample_logger import SampleLogger
+from sparse_transformer.errors import InputError
+from sparse_transformer.modality import Image as ImageModality
+from sparse_transformer.model import AttentionPattern, ModelConfig
+from sparse_transformer.training.lightning_module import SparseTransformerLM
+from sparse_transformer.training.sample_logger import SampleLogger
 
 PATTERN = AttentionPattern(kind="strided", block_size=8, stride=16, heads="split")
 
 
-def make(tmp_path, **kwargs) -> tuple[L.Trainer, SparseTransformerLM]:
+def make(tmp_path, modality=None) -> tuple[L.Trainer, SparseTransformerLM]:
     torch.manual_seed(0)
-    module = SparseTransformerLM(seq_len=48, d_model=16, n_layers=1, n_heads=2, pattern=PATTERN, backend="blocks", **kwargs)
+    network = ModelConfig(seq_len=48, d_model=16, n_layers=1, n_heads=2, pattern=PATTERN, backend="blocks")
+    module = SparseTransformerLM(network, modality=modality)
     trainer = L.Trainer(
         default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path), accelerator="cpu", enable_progress_bar=False
     )
@@ -29,7 +32,7 @@ def test_text_samples_every_second_validation(tmp_path):
     logger.on_validation_epoch_end(trainer, module)
     assert not list(tmp_path.rglob("sample_*.txt"))
     logger.on_validation_epoch_end(trainer, module)
-    files = sorted(tmp_path.rglob("samples/step=0/sample_*.txt"))
+    files = sorted((tmp_path / "samples" / "step=0").glob("sample_*.txt"))
     assert [f.name for f in files] == ["sample_0.txt", "sample_1.txt"]
     assert all(len(f.read_bytes()) == 21 and f.read_bytes().startswith(b"\n") for f in files)  # prompt + 20
     trainer.loggers[0].experiment.flush()
@@ -37,9 +40,17 @@ def test_text_samples_every_second_validation(tmp_path):
 
 
 def test_image_samples_are_whole_images_and_leave_training_mode_alone(tmp_path):
-    trainer, module = make(tmp_path, modality=image_modality((4, 4, 3)))
+    trainer, module = make(tmp_path, modality=ImageModality((4, 4, 3)).spec())
     module.train()
-    SampleLogger(num_samples=3, length=5).on_validation_epoch_end(trainer, module)
+    SampleLogger(num_samples=3).on_validation_epoch_end(trainer, module)
     assert module.training
-    (grid,) = tmp_path.rglob("samples/step=0/samples.png")
+    (grid,) = (tmp_path / "samples" / "step=0").glob("samples.png")
     assert Image.open(grid).size == (2 * 5 + 1, 2 * 5 + 1)  # 3 images of 4 x 4 in a 2 x 2 grid
+
+
+def test_a_length_the_model_cannot_take_is_refused_before_training(tmp_path):
+    trainer, module = make(tmp_path, modality=ImageModality((4, 4, 3)).spec())
+    with pytest.raises(InputError, match="--length=5: an image sample has 48 tokens"):
+        SampleLogger(length=5).setup(trainer, module, "fit")
+    SampleLogger(every_n_val=0).on_validation_epoch_end(trainer, module)  # 0: off
+    assert not (tmp_path / "samples").exists()

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.hourglass import HourglassConfig
-from sparse_transformer.model import SparseTransformer
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
+from sparse_transformer.model.hourglass import HourglassConfig
 from sparse_transformer.sampling import generate
 
 PATTERNS = {
@@ -20,7 +19,7 @@ PATTERNS = {
 
 def tiny(pattern: AttentionPattern, backend: str = "reference", **kwargs) -> SparseTransformer:
     torch.manual_seed(0)
-    model = SparseTransformer(seq_len=48, d_model=32, n_layers=3, n_heads=4, pattern=pattern, backend=backend, **kwargs)
+    model = SparseTransformer(ModelConfig(seq_len=48, d_model=32, n_layers=3, n_heads=4, pattern=pattern, backend=backend, **kwargs))
     return model.eval()
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from data.text import ByteTextDataModule
-from sparse_transformer.callbacks import NonFiniteLoss, NonFiniteLossGuard
-from sparse_transformer.checkpoint_io import AtomicCheckpointIO
-from sparse_transformer.lightning_module import SparseTransformerLM
-from sparse_transformer.patterns import AttentionPattern
+from sparse_transformer.data.text import ByteTextDataModule
+from sparse_transformer.training.loss_guard import NonFiniteLoss, NonFiniteLossGuard
+from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO
+from sparse_transformer.training.lightning_module import SparseTransformerLM
+from sparse_transformer.model import AttentionPattern, ModelConfig
 
 
 class DivergesAtStep3(SparseTransformerLM):
@@ -20,7 +20,7 @@ class DivergesAtStep3(SparseTransformerLM):
 
 def test_non_finite_loss_stops_before_the_broken_weights_are_saved(tmp_path):
     pattern = AttentionPattern("dense", block_size=8)
-    module = DivergesAtStep3(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks")
+    module = DivergesAtStep3(ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks"))
     data = ByteTextDataModule(seq_len=32, batch_size=2, samples_per_epoch=20)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
     trainer = L.Trainer(

@@ -7,7 +7,7 @@ from commands import one_error_line, run
 
 pytestmark = pytest.mark.slow
 
-# config -> (hyper-parameter, the value the checkpoint must carry)
+# config -> (network option, the value the checkpoint must carry)
 VARIANTS = {
     "configs/tiny_performer.yaml": ("attention", "performer"),
     "configs/tiny_adaptive_span.yaml": ("attention", "adaptive_span"),
@@ -20,11 +20,11 @@ VARIANTS = {
 def test_variant_trains_and_samples(config, tmp_path):
     result = run("train.py", "fit", "--config", config, "--trainer.default_root_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    (ckpt,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     key, value = VARIANTS[config]
-    carried = state["hyper_parameters"][key]
+    carried = state["hyper_parameters"]["network"][key]
     assert carried == value if not isinstance(value, dict) else value.items() <= dict(carried).items()
 
     sample = run(
@@ -36,7 +36,8 @@ def test_variant_trains_and_samples(config, tmp_path):
 
 
 def test_hourglass_from_the_command_line():
-    result = run("train.py", "fit", "--config", "configs/tiny.yaml", "--model.hourglass.spec", "1@1 1@2 1@1", "--print_config")
+    args = ["--model.network.hourglass.spec", "1@1 1@2 1@1", "--model.network.n_layers", "3", "--print_config"]
+    result = run("train.py", "fit", "--config", "configs/tiny.yaml", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "spec: 1@1 1@2 1@1" in result.stdout
 
@@ -45,17 +46,20 @@ def test_hourglass_from_the_command_line():
     "override,message",
     [
         (
-            ["--model.hourglass.spec", "1@1 1@2 1@1"],
+            ["--model.network.hourglass.spec", "1@1 1@2 1@1"],
             "error: n_layers=2 does not match the 3 layers of hourglass spec '1@1 1@2 1@1'; set n_layers to 3",
         ),
-        (["--model.hourglass.spec", "1@1 1@2", "--model.n_layers", "2"], "error: hourglass spec '1@1 1@2' must be an odd number"),
-        (["--model.persistent_memory", "4"], "error: persistent_memory=4 must be a multiple of pattern block_size=8"),
         (
-            ["--model.attention", "performer"],
+            ["--model.network.hourglass.spec", "1@1 1@2", "--model.network.n_layers", "2"],
+            "error: hourglass spec '1@1 1@2' must be an odd number",
+        ),
+        (["--model.network.persistent_memory", "4"], "error: persistent_memory=4 must be a multiple of pattern block_size=8"),
+        (
+            ["--model.network.attention", "performer"],
             "error: attention='performer' is global causal linear attention; pattern.kind='strided'",
         ),
         (
-            ["--model.attention", "adaptive_span", "--model.persistent_memory", "8"],
+            ["--model.network.attention", "adaptive_span", "--model.network.persistent_memory", "8"],
             "error: persistent_memory=8 joins the block-sparse softmax; attention='adaptive_span' has none",
         ),
     ],

@@ -1,1 +1,0 @@
-"""LightningDataModules, one per modality."""

@@ -1,0 +1,156 @@
+"""Text as raw bytes: a LightningDataModule over any file, the shipped corpus, or enwik8."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from sparse_transformer.data.sequences import SequenceDataModule
+from sparse_transformer.errors import InputError
+from sparse_transformer.modality import Text
+
+# The Python Language Reference as the interpreter ships it (pydoc_data.topics), 466 KB of English
+# prose with code; see corpus/README.md. Needs no download, so the quickstart runs offline.
+EMBEDDED_CORPUS = Path(__file__).parent / "corpus" / "python_reference.txt"
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+ENWIK8_SIZE = 100_000_000
+ENWIK8_MD5 = "a1fa5ffddb56f4953e226637dabbb36a"  # published at mattmahoney.net/dc/textdata.html
+
+
+class ByteWindows(Dataset):
+    """Windows of ``seq_len + 1`` bytes (inputs and next-byte targets) of bytes [begin, end), ``step`` apart.
+
+    The file is memory-mapped lazily, so worker processes open their own map instead of pickling bytes.
+    """
+
+    def __init__(self, path: Path, begin: int, end: int, seq_len: int, step: int):
+        self.path, self.seq_len = path, seq_len
+        self.starts = range(begin, end - seq_len, step)
+        self._bytes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._bytes is None:
+            self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start = self.starts[i]
+        return torch.from_numpy(self._bytes[start : start + self.seq_len + 1].astype(np.int64))
+
+
+class ByteTextDataModule(SequenceDataModule):
+    """Next-byte modelling on a file of raw bytes, split by position into train / val / test.
+
+    Training draws random windows (with replacement, so an epoch costs nothing to set up on 100 MB);
+    validation and test read contiguous non-overlapping windows, the standard way to report bits/byte.
+
+    Args:
+        path: file of raw bytes; None uses the shipped corpus (offline).
+        seq_len: context length N; the model's ``seq_len`` is linked to it.
+        split: fractions of the file for train, val, test, in file order.
+        batch_size: windows per batch (per device).
+        samples_per_epoch: training windows per epoch over all devices; None means one pass worth (train bytes / seq_len).
+        seed: seeds the training sampler, so a run's window sequence is reproducible (and resumable).
+    """
+
+    modality = Text()
+
+    def __init__(
+        self,
+        path: str | None = None,
+        seq_len: int = 256,
+        split: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        batch_size: int = 16,
+        samples_per_epoch: int | None = None,
+        num_workers: int = 0,
+        seed: int = 1234,
+    ):
+        super().__init__()
+        if abs(sum(split) - 1) > 1e-6 or min(split) < 0:
+            raise InputError(f"data split {list(split)} must be three non-negative fractions summing to 1")
+        self.path = Path(path) if path else EMBEDDED_CORPUS
+        self.seq_len, self.split, self.batch_size = seq_len, split, batch_size
+        self.samples_per_epoch, self.num_workers, self.seed = samples_per_epoch, num_workers, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.path.is_file():
+            raise InputError(f"data file {self.path} not found; give data.init_args.path a file of raw bytes")
+        size = self.path.stat().st_size
+        cuts = np.cumsum([0, *self.split])
+        b = [round(c * size) for c in cuts]
+        self.train = ByteWindows(self.path, b[0], b[1], self.seq_len, step=1)
+        self.val = ByteWindows(self.path, b[1], b[2], self.seq_len, step=self.seq_len)
+        self.test = ByteWindows(self.path, b[2], b[3], self.seq_len, step=self.seq_len)
+        for name, part in (("train", self.train), ("val", self.val)):
+            if len(part) == 0:
+                raise InputError(
+                    f"{name} split of {self.path} ({size} bytes, split {list(self.split)}) is shorter than "
+                    f"seq_len + 1 = {self.seq_len + 1} bytes"
+                )
+
+    def epoch_size(self) -> int:
+        return len(self.train) // self.seq_len  # one pass worth of bytes
+
+
+class Enwik8DataModule(ByteTextDataModule):
+    """enwik8 (first 10^8 bytes of an English Wikipedia dump) with the standard 90M / 5M / 5M split.
+
+    Args:
+        root: folder holding the ``enwik8`` file (100,000,000 bytes).
+        download: fetch and verify it from mattmahoney.net when absent (needs internet).
+    """
+
+    def __init__(self, root: str = "datasets/enwik8", download: bool = False, **kwargs):
+        super().__init__(path=str(Path(root) / "enwik8"), split=(0.9, 0.05, 0.05), **kwargs)
+        self.download = download
+
+    def prepare_data(self) -> None:
+        if self.path.is_file():
+            verify_enwik8(self.path)
+        elif self.download:
+            prepare_enwik8(self.path.parent)
+        else:
+            raise InputError(
+                f"enwik8 not found at {self.path}; set data.init_args.download=true or run "
+                f"`python -m sparse_transformer.data.text {self.path.parent}`"
+            )
+
+
+def verify_enwik8(path: Path) -> None:
+    size = path.stat().st_size
+    if size != ENWIK8_SIZE:
+        raise InputError(f"{path} has {size} bytes, enwik8 has {ENWIK8_SIZE}: delete it and download again")
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "md5").hexdigest()
+    if digest != ENWIK8_MD5:
+        raise InputError(f"{path} has md5 {digest}, enwik8 has {ENWIK8_MD5}: delete it and download again")
+
+
+def prepare_enwik8(root: Path) -> Path:
+    """Download enwik8.zip, unpack it and verify size and md5; the file appears only when complete."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / "enwik8"
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        archive = Path(tmp) / "enwik8.zip"
+        print(f"downloading {ENWIK8_URL} ...")
+        urllib.request.urlretrieve(ENWIK8_URL, archive)
+        with zipfile.ZipFile(archive) as z:
+            z.extract("enwik8", tmp)
+        verify_enwik8(Path(tmp) / "enwik8")
+        os.replace(Path(tmp) / "enwik8", target)
+    return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(prepare_enwik8(Path(sys.argv[1] if len(sys.argv) > 1 else "datasets/enwik8")))

@@ -1,0 +1,76 @@
+"""Block-sparse multi-head attention: each head attends only to the tiles of the pattern's layout.
+
+The backend (triton, blocks, flex, reference, or auto) computes the same function; ``auto`` is chosen at each
+call from the input's device, so a model moves between CPU and GPU freely. With ``persistent_memory`` every
+softmax also sees that many learned key/value vectors per head (``persistent_memory.py``). This is the one
+kind with a key/value cache for incremental decoding (``kv_cache.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from sparse_transformer.model.attention.base import Attention
+from sparse_transformer.model.attention.persistent_memory import PersistentMemory
+from sparse_transformer.model.kernels import get_backend
+from sparse_transformer.model.kv_cache import BlockKVCache
+
+if TYPE_CHECKING:
+    from sparse_transformer.model.config import ModelConfig
+
+
+class SparseAttention(Attention):
+    """The pattern's layer ``layer`` at sequence length ``seq_len``, computed by ``config.backend``."""
+
+    kind: ClassVar[str] = "sparse"
+    can_decode: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig, seq_len: int, layer: int):
+        super().__init__(config)
+        self.block_size, self.backend = config.pattern.block_size, config.backend
+        layout = config.pattern.layout(config.n_heads, seq_len, layer)
+        self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
+        self.memory = PersistentMemory(config, layout) if config.persistent_memory else None
+        self._tiles: dict[int, int] = {}  # query blocks -> tiles computed, summed over heads
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: BlockKVCache | None) -> torch.Tensor:
+        B, H, N, D = q.shape
+        if cache is not None:
+            if self.memory is not None:
+                cache.write(*self.memory.keys_values(B, k.dtype), 0)
+            cache.write(k, v, self._offset)
+        attend = get_backend(self.backend, q.device)
+        if self.memory is not None:
+            return self.memory.attend(attend, q, k, v)  # (B, H, N, D)
+        # Patterns depend only on absolute positions, so a shorter sequence uses the top-left corner.
+        nb = N // self.block_size
+        return attend(q, k, v, self.layout[:, :nb, :nb], self.block_size)  # (B, H, N, D)
+
+    def new_cache(self) -> BlockKVCache:
+        """An empty cache for this layer; persistent memory sits in it as the leading key blocks."""
+        return BlockKVCache(self.layout if self.memory is None else self.memory.layout, self.block_size)
+
+    def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
+        q, k, v = self.heads(x)  # (B, H, 1, D) each
+        cache.write(k, v, pos + self._offset)
+        return self.merge(cache.attend(q, pos + self._offset))
+
+    @property
+    def _offset(self) -> int:
+        """Cache position of context position 0: after the persistent vectors."""
+        return 0 if self.memory is None else self.memory.n_memory
+
+    def attention_flops(self, n: int) -> float:
+        """QK^T and AV over every computed tile (whole tiles, the diagonal's masked half included), with the
+        persistent memory's key blocks in every row; the backends' padding and memory's dummy rows are not
+        model FLOPs."""
+        nb = math.ceil(n / self.block_size)
+        if nb not in self._tiles:
+            tiles = int(self.layout[:, :nb, :nb].sum())
+            memory_blocks = 0 if self.memory is None else self.memory.n_memory // self.block_size
+            self._tiles[nb] = tiles + self.n_heads * nb * memory_blocks
+        head_dim = self.qkv.in_features // self.n_heads
+        return 2 * 2 * head_dim * self.block_size**2 * self._tiles[nb]

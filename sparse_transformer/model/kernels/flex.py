@@ -1,0 +1,96 @@
+"""PyTorch FlexAttention over the same causal block layouts, as a point of comparison for the Triton kernel.
+
+A layout becomes a ``BlockMask``: tiles entirely below the diagonal and entirely in the layout are "full"
+(no mask evaluated), tiles that touch the layout otherwise are "partial" and ``mask_mod`` decides each
+element: in the layout, and j <= i. On CUDA ``flex_attention`` is compiled into a fused Triton kernel; on
+CPU it runs eagerly, materialising the N x N scores, and has no backward in torch 2.11, so there it is
+only a forward-pass check against the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+
+from sparse_transformer.model.kernels.checks import check_inputs
+from sparse_transformer.model.kernels.lut import layout_tables, per_layout
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once, on the first CUDA call (CPU never pays for importing Inductor); Dynamo
+    then recompiles only for new shapes."""
+    return torch.compile(_flex_attention)
+
+
+# The kernels' own tiles must divide the BlockMask tile. Compiled by torch 2.11 for 16-bit inputs and head dims
+# 64 to 128 on an H100, the backward tiles are 128 wide, so a layout of smaller blocks gets 128-wide tiles.
+KERNEL_TILE = 128
+
+
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``.
+
+    ``scale`` defaults to 1/sqrt(D). The BlockMask is cached per layout tensor, so keep reusing one.
+    """
+    check_inputs(q, k, v, layout, block_size)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError(
+            "the flex backend has no backward on CPU (torch's FlexAttention is forward-only there); "
+            "use the 'blocks' backend to train on CPU"
+        )
+    block_mask = flex_block_mask(layout, block_size, q.device)
+    if q.device.type == "cuda":
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale)
+    with warnings.catch_warnings():
+        # Eager on CPU is deliberate (a correctness check); silence the advice to compile.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        # Detached: torch refuses CPU inputs that require grad even under no_grad.
+        return _flex_attention(q.detach(), k.detach(), v.detach(), block_mask=block_mask, scale=scale)
+
+
+def flex_tile(block_size: int, seq_len: int) -> int:
+    """The BlockMask tile for a layout of ``block_size`` blocks: the block itself, or KERNEL_TILE when the
+    blocks are smaller and tile it evenly. Coarser tiles cost compute: one is computed if any block in it is."""
+    if block_size < KERNEL_TILE and KERNEL_TILE % block_size == 0 and seq_len % KERNEL_TILE == 0:
+        return KERNEL_TILE
+    return block_size
+
+
+@per_layout
+def flex_block_mask(layout: torch.Tensor, block_size: int, device: torch.device) -> BlockMask:
+    """The BlockMask of a bool ``[H, R, R]`` layout on ``device``, built once per layout."""
+    return _build_block_mask(layout.to(device), block_size)
+
+
+def _build_block_mask(layout: torch.Tensor, block_size: int) -> BlockMask:
+    H, R, _ = layout.shape
+    N = R * block_size
+    tile = flex_tile(block_size, N)
+    per = tile // block_size  # layout blocks per tile side
+    C = N // tile  # tiles per side
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return layout[h, q_idx // block_size, kv_idx // block_size] & (kv_idx <= q_idx)
+
+    blocks = layout.unflatten(2, (C, per)).unflatten(1, (C, per))  # (H, C, per, C, per)
+    below = torch.ones(C, C, dtype=torch.bool, device=layout.device).tril(-1)  # tiles with no j > i in them
+    full = blocks.all(4).all(2) & below  # (H, C, C)
+    partial = blocks.any(4).any(2) & ~full  # (H, C, C)
+
+    def ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(count (1, H, C), columns (1, H, C, C)): FlexAttention wants every row's column list C long."""
+        rows = layout_tables(tiles).rows
+        return rows.count[None], F.pad(rows.index, (0, C - rows.width))[None]
+
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(N, N)
+    )

@@ -1,0 +1,190 @@
+"""The Sparse Transformer (Child et al. 2019): a decoder-only Transformer over bytes with sparse attention.
+
+Every part is built from one :class:`~sparse_transformer.model.config.ModelConfig`, passed whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sparse_transformer.modality import Modality, Text
+from sparse_transformer.model.attention import Attention, build_attention
+from sparse_transformer.model.config import ModelConfig
+from sparse_transformer.model.hourglass import Hourglass
+from sparse_transformer.model.kv_cache import BlockKVCache
+
+
+class PositionalEmbedding(nn.Module):
+    """Learned positions, factorized over the axes of ``shape`` and summed (section 5.1).
+
+    ``shape=(N,)`` is the usual 1-D table; ``(rows, cols, channels)`` gives images one small table per
+    axis, so position (r, c, ch) of a raster-ordered image costs rows + cols + channels vectors, not N.
+    """
+
+    def __init__(self, shape: tuple[int, ...], d_model: int):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.tables = nn.ParameterList(nn.Parameter(torch.randn(n, d_model) * 0.01) for n in self.shape)
+        strides = [math.prod(self.shape[a + 1 :]) for a in range(len(self.shape))]
+        self.register_buffer("strides", torch.tensor(strides), persistent=False)
+
+    def forward(self, n: int, start: int = 0) -> torch.Tensor:
+        """Embeddings of positions ``start .. start + n - 1``: ``[n, C]``."""
+        pos = torch.arange(start, start + n, device=self.strides.device)
+        coords = (pos.unsqueeze(1) // self.strides) % torch.tensor(self.shape, device=pos.device)  # (N, axes)
+        return sum(table[coords[:, a]] for a, table in enumerate(self.tables))  # (N, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff)
+        self.proj = nn.Linear(config.d_ff, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-activation residual block (section 5.2): x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With ``persistent_memory`` it is an all-attention layer: no feed-forward sublayer, the persistent
+    key/value vectors take its place (``attention/persistent_memory.py``).
+    """
+
+    def __init__(self, config: ModelConfig, seq_len: int, layer: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.attn: Attention = build_attention(config, seq_len, layer)
+        self.norm2 = None if config.persistent_memory else nn.LayerNorm(config.d_model)
+        self.mlp = None if config.persistent_memory else MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache))
+        return x if self.mlp is None else x + self.mlp(self.norm2(x))
+
+    def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
+        x = x + self.attn.decode(self.norm1(x), cache, pos)
+        return x if self.mlp is None else x + self.mlp(self.norm2(x))
+
+    def flops(self, n: int) -> float:
+        """Forward FLOPs on a sequence of ``n`` positions."""
+        mlp = 0 if self.mlp is None else 2.0 * (self.mlp.fc.weight.numel() + self.mlp.proj.weight.numel())
+        return n * (self.attn.flops_per_token(n) + mlp)
+
+
+class SparseTransformer(nn.Module):
+    """Bytes ``[B, N]`` -> next-byte logits ``[B, N, vocab_size]``.
+
+    ``config`` is resolved against ``modality`` first (``ModelConfig.resolve``): the stride and positional
+    shape it leaves out follow from the data, and the resolved config is ``self.config``.
+    """
+
+    def __init__(self, config: ModelConfig, modality: Modality = Text()):
+        super().__init__()
+        self.config = config = config.resolve(modality)
+        self.seq_len, self.block_size = config.seq_len, config.pattern.block_size
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos = PositionalEmbedding(config.positions, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+
+        def block(seq_len: int, layer: int) -> Block:
+            return Block(config, seq_len, layer)
+
+        flat = config.hourglass is None
+        self.blocks = nn.ModuleList(block(config.seq_len, i) for i in range(config.n_layers)) if flat else None
+        self.hourglass = None if flat else Hourglass(config, config.seq_len, block)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init)
+        # Residual projections start small so the sum over the residual branches (2 per block, 1 without
+        # a feed-forward sublayer) keeps unit scale (section 5.2).
+        branches = [p for name, p in self.named_parameters() if name.endswith(("attn.proj.weight", "mlp.proj.weight"))]
+        for p in branches:
+            nn.init.normal_(p, std=0.02 / math.sqrt(len(branches)))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, caches: list[BlockKVCache] | None = None) -> torch.Tensor:
+        """Logits for every position; with ``caches`` (from :meth:`new_caches`), also fill them (prefill)."""
+        B, N = idx.shape
+        if N > self.seq_len:
+            raise ValueError(f"sequence of {N} tokens is longer than the model's context seq_len={self.seq_len}")
+        # Tiles must be whole: pad on the right, which causal attention never sees from the left. Padded keys
+        # in a cache are overwritten by the real tokens before any query can read them.
+        pad = -N % self.block_size
+        x = self.embed(F.pad(idx, (0, pad))) + self.pos(N + pad)  # (B, N', C)
+        x = self.drop(x)
+        if self.hourglass is not None:
+            x = self.hourglass(x, self._run)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = self._run(block, x, caches[i] if caches else None)
+        return self.head(self.norm(x))[:, :N]  # (B, N, vocab)
+
+    def _run(self, block: Block, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        if self.config.recompute and self.training:
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x, cache)
+
+    def all_blocks(self) -> Iterator[Block]:
+        """Every block, from the input to the output (through the levels of an Hourglass)."""
+        return iter(self.blocks) if self.hourglass is None else self.hourglass.blocks()
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Incremental decoding needs one flat stack (an Hourglass re-pools the past) of kinds that decode."""
+        return self.hourglass is None and all(block.attn.can_decode for block in self.blocks)
+
+    def new_caches(self) -> list[BlockKVCache]:
+        """One empty key/value cache per layer, for :meth:`forward` (prefill) then :meth:`decode`."""
+        return [block.attn.new_cache() for block in self.blocks]
+
+    def decode(self, idx: torch.Tensor, pos: int, caches: list[BlockKVCache]) -> torch.Tensor:
+        """Next-token logits ``[B, vocab]`` after token ``idx`` ``[B, 1]`` at position ``pos``."""
+        if pos >= self.seq_len:
+            raise ValueError(f"position {pos} is beyond the model's context seq_len={self.seq_len}")
+        x = self.embed(idx) + self.pos(1, start=pos)  # (B, 1, C)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, cache, pos)
+        return self.head(self.norm(x))[:, -1]  # (B, vocab)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the attention kinds' loss terms (adaptive-span penalties), or None when no kind has one."""
+        terms = [t for block in self.all_blocks() if (t := block.attn.auxiliary_loss()) is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def metrics(self) -> dict[str, float]:
+        """What the attention kinds log, each under its module's path (``span/blocks.0.attn/head1``)."""
+        names = {id(m): name for name, m in self.named_modules()}
+        return {k: v for block in self.all_blocks() for k, v in block.attn.metrics(names[id(block.attn)]).items()}
+
+    def before_step(self, step: int) -> None:
+        """Per-step upkeep before training step ``step`` (FAVOR+ redraws, spans clamped back into range)."""
+        for block in self.all_blocks():
+            block.attn.before_step(step)
+
+    def flops_per_token(self, n: int | None = None) -> float:
+        """Forward FLOPs per token of a sequence of ``n`` (default: the context), counting the work every part
+        does: linear layers at 2 FLOPs per multiply-add, each attention kind its own, Hourglass levels at
+        their own lengths. Training is 3x this (forward, backward)."""
+        n = self.seq_len if n is None else n
+        padded = math.ceil(n / self.block_size) * self.block_size
+        body = self.hourglass.flops(padded) if self.hourglass is not None else sum(b.flops(padded) for b in self.blocks)
+        return body / n + 2.0 * self.head.weight.numel()

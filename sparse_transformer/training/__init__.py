@@ -1,0 +1,1 @@
+"""Training machinery: the LightningModule, the CLI, callbacks, checkpoints and the run folder."""

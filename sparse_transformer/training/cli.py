@@ -1,0 +1,146 @@
+"""The command line behind ``train.py``: LightningCLI with the training setup every config shares.
+
+Shared here, in one place, so configs say only what differs:
+
+- trainer defaults (gradient clipping at 1.0 as in the paper, atomic checkpoint writes, the run folder);
+- callbacks on every run: the NaN guard, tokens/s and MFU, the learning rate, rich progress with metrics;
+- TensorBoard and CSV loggers in the run folder (``--trainer.logger false`` turns them off);
+- ``checkpoint:`` (``RunCheckpoint``) and ``samples:`` (``SampleLogger``), configurable per config;
+- links from the data to the model: the context, the modality, and the metric checkpoints are ranked by.
+
+A run's folder is ``trainer.default_root_dir`` (``run_folder.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, NoReturn
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from sparse_transformer.errors import InputError
+from sparse_transformer.files import write_atomic
+from sparse_transformer.training.checkpointing import RunCheckpoint
+from sparse_transformer.training.lightning_module import SparseTransformerLM
+from sparse_transformer.training.loss_guard import NonFiniteLossGuard
+from sparse_transformer.training.progress import RunProgressBar
+from sparse_transformer.training.resume import check_resumable
+from sparse_transformer.training.run_folder import checkpoint_dir, checkpoint_to_resume
+from sparse_transformer.training.sample_logger import SampleLogger
+from sparse_transformer.training.throughput import TokenThroughputMonitor
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "default_root_dir": "runs/default",
+    "gradient_clip_val": 1.0,  # section 7: every setup clips the gradient norm at 1.0
+    "log_every_n_steps": 10,
+    "plugins": [{"class_path": "sparse_transformer.training.checkpoint_io.AtomicCheckpointIO"}],
+}
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Reports a bad option or config value in one line instead of the full usage text, and takes no
+    abbreviations (``--model.network.n_layer`` is an error, not ``n_layers``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse probing alternatives: it catches this
+            super().error(message, ex)
+        # A bad value inside a class_path (data: ...) arrives wrapped in every alternative the parser tried;
+        # the innermost argparse.ArgumentError in the chain of causes names the key and the value.
+        causes = [ex]
+        while causes[-1] is not None and causes[-1] not in causes[:-1]:
+            causes.append(causes[-1].__cause__ or causes[-1].__context__)
+        innermost = next((e for e in reversed(causes) if isinstance(e, argparse.ArgumentError)), None)
+        message = innermost.message if innermost is not None else message
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """The resolved config as ``<run folder>/config.yaml``, rewritten by each start of the run."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any):
+        super().__init__(parser, config, save_to_log_dir=False)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        write_atomic(Path(trainer.default_root_dir) / "config.yaml", self.parser.dump(self.config, skip_none=False))
+
+
+class SparseTransformerCLI(LightningCLI):
+    """``LightningCLI(SparseTransformerLM, <any DataModule>)`` with the shared setup above."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        torch.set_float32_matmul_precision("high")
+        # Lightning cannot see that our training sampler resumes mid-epoch (data/training_order.py); it does.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        self.resume_from: str | None = None
+        super().__init__(
+            SparseTransformerLM,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            parser_class=OneLineErrorParser,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=SaveRunConfig,
+            auto_configure_optimizers=False,  # the LightningModule configures AdamW and its schedule
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.seq_len", "model.network.seq_len", apply_on="instantiate")
+        parser.link_arguments("data.modality", "model.modality", compute_fn=lambda m: m.spec(), apply_on="instantiate")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=lambda root: str(checkpoint_dir(root)))
+        parser.link_arguments("data.modality", "checkpoint.monitor", compute_fn=lambda m: f"val_{m.unit}", apply_on="instantiate")
+        parser.add_lightning_class_args(SampleLogger, "samples")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Hold ``fit``'s checkpoint back from LightningCLI, which would replace the configured model with the
+        checkpoint's hyperparameters, so a resumed run silently ignored changed options; :meth:`before_fit`
+        checks the checkpoint against the config instead and hands it to ``fit``."""
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand") == "fit":
+            self.resume_from, self.config.fit.ckpt_path = self.config.fit.ckpt_path, None
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The shared loggers and callbacks in the run folder; Lightning's refusal of a setting is a bad config."""
+        section = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        config = section["trainer"]
+        root = Path(config["default_root_dir"])
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
+        logging = config.get("logger") is not False
+        callbacks = [NonFiniteLossGuard()]
+        if logging:
+            callbacks += [LearningRateMonitor(logging_interval="step"), TokenThroughputMonitor()]
+        if config.get("enable_progress_bar") is not False:
+            callbacks.append(RunProgressBar())
+        kwargs["callbacks"] = [*(config.get("callbacks") or []), *callbacks]
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as e:
+            raise InputError(f"trainer: {' '.join(str(e).split())}") from e
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` is the run folder's last.ckpt; a checkpoint is checked before restoring, and a new
+        run refuses a folder that holds another run's checkpoints."""
+        ckpt_path = checkpoint_to_resume(self.trainer.default_root_dir, self.resume_from)
+        if ckpt_path and ckpt_path not in ("best", "hpc"):
+            check_resumable(ckpt_path, self.model)
+        self.config_init["fit"]["ckpt_path"] = ckpt_path
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Build (and with ``run``, execute) the CLI; tests and tools use ``run=False`` to get the objects."""
+    return SparseTransformerCLI(args=args, run=run)
