@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 from pathlib import Path
 
 import lightning as L
@@ -19,33 +20,44 @@ import torch
 from sparse_transformer.errors import InputError, run_cli
 from sparse_transformer.files import write_atomic
 from sparse_transformer.model.kernels import BACKENDS
-from sparse_transformer.sampling import sample
+from sparse_transformer.sampling import check_sampling, sample
 from sparse_transformer.training.lightning_module import SparseTransformerLM
+from sparse_transformer.training.resume import read_checkpoint
 
 
 def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTransformerLM:
-    if not Path(ckpt).is_file():
-        raise InputError(f"checkpoint {ckpt} not found")
+    check_device(device, backend)
+    saved = read_checkpoint(ckpt)
+    network = saved.get("hyper_parameters", {}).get("network") if isinstance(saved, dict) else None
+    if network is None or "state_dict" not in saved:
+        raise InputError(f"checkpoint {ckpt} is not a Sparse Transformer checkpoint (no model options or weights); train one with train.py")
     overrides = {}
+    if backend:
+        is_config = dataclasses.is_dataclass(network)
+        overrides["network"] = dataclasses.replace(network, backend=backend) if is_config else {**network, "backend": backend}
     try:
-        if backend:
-            network = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)["hyper_parameters"]["network"]
-            is_config = dataclasses.is_dataclass(network)
-            overrides["network"] = dataclasses.replace(network, backend=backend) if is_config else {**network, "backend": backend}
         module = SparseTransformerLM.load_from_checkpoint(ckpt, map_location=device, **overrides)
     except RuntimeError as e:  # the weights do not fit the configuration the checkpoint records
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
         raise InputError(f"checkpoint {ckpt} does not match the model it describes ({detail})") from e
-    except InputError:
-        raise
-    except Exception as e:  # pickle, zip and key errors all mean the same thing to a user
-        raise InputError(f"checkpoint {ckpt} is not a readable Sparse Transformer checkpoint ({type(e).__name__})") from e
     return module.eval()
+
+
+def check_device(device: str, backend: str | None) -> None:
+    """Refuse a device this machine lacks, and the Triton backend without CUDA (or its interpreter)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise InputError(f"--device {device} is not a device; use cpu, cuda or cuda:<index>") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device here; use --device cpu")
+    if backend == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(f"--backend triton needs a CUDA device (--device is {device}); use blocks or reference on a CPU")
 
 
 def load_datamodule(ckpt: str, root: str | None) -> L.LightningDataModule:
     """Rebuild the DataModule a checkpoint was trained with, from the hyperparameters Lightning saved."""
-    hparams = dict(torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True).get("datamodule_hyper_parameters") or {})
+    hparams = dict(read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {})
     class_path = hparams.get("_class_path")
     if not class_path:
         raise InputError(f"checkpoint {ckpt} does not record its DataModule (train it with train.py)")
@@ -60,7 +72,12 @@ def load_datamodule(ckpt: str, root: str | None) -> L.LightningDataModule:
 def validation_examples(ckpt: str, root: str | None, n: int) -> torch.Tensor:
     """The first ``n`` validation examples ``[n, 1 + N]`` of the DataModule the checkpoint was trained on."""
     datamodule = load_datamodule(ckpt, root)
-    datamodule.setup("validate")
+    try:
+        datamodule.setup("validate")
+    except InputError as e:
+        if root is not None:
+            raise
+        raise InputError(f"{e} (the data root the checkpoint recorded; give --data-root where the data is now)") from e
     if n > len(datamodule.val):
         raise InputError(f"--complete {n} asks for more examples than the validation split holds ({len(datamodule.val)})")
     return torch.stack([datamodule.val[i] for i in range(n)])
@@ -83,8 +100,13 @@ def main(argv: list[str] | None = None) -> list[bytes]:
     p.add_argument("--no-kv-cache", action="store_true", help="re-run the whole prefix every step (slow; for checking)")
     args = p.parse_args(argv)
 
-    if args.num_samples < 1 or (args.length is not None and args.length < 1):
-        raise InputError(f"--num-samples={args.num_samples} and --length={args.length} must be >= 1")
+    if args.num_samples < 1:
+        raise InputError(f"--num-samples={args.num_samples} must be >= 1")
+    if args.length is not None and args.length < 1:
+        raise InputError(f"--length={args.length} must be >= 1")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a file; give a folder for the samples")
+    check_sampling(args.temperature, args.top_k)
     module = load_model(args.ckpt, args.device, args.backend)
     modality, model = module.modality, module.model
     generator = torch.Generator().manual_seed(args.seed)

@@ -128,6 +128,8 @@ class Text(Modality):
 
     def sample_length(self, length: int | None, seq_len: int, prompt_len: int) -> int:
         """Default: fill the context after the prompt."""
+        if length is None and prompt_len > seq_len:
+            raise InputError(f"--prompt of {prompt_len} bytes is longer than the model's context of {seq_len}; shorten it")
         return seq_len + 1 - prompt_len if length is None else length
 
     def files(self, tokens: torch.Tensor) -> dict[str, bytes]:

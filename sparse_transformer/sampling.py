@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,7 +30,7 @@ def generate(
     allows); without, or for a model that cannot decode incrementally, every step re-runs the whole
     prefix. Both give the same tokens. ``temperature == 0`` is greedy.
     """
-    check_request(model, prompt, length, temperature)
+    check_request(model, prompt, length, temperature, top_k)
     model.eval()
     kv_cache = kv_cache and model.supports_kv_cache
     out = prompt
@@ -76,7 +77,7 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator:
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
 
 
-def check_request(model: SparseTransformer, prompt: torch.Tensor, length: int, temperature: float) -> None:
+def check_request(model: SparseTransformer, prompt: torch.Tensor, length: int, temperature: float, top_k: int | None) -> None:
     """Refuse what the model cannot do, before any work: one line naming the value and what is allowed."""
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise InputError(f"prompt has shape {list(prompt.shape)}; give at least one token per sample ([B, T], T >= 1)")
@@ -92,5 +93,12 @@ def check_request(model: SparseTransformer, prompt: torch.Tensor, length: int, t
             f"prompt of {prompt.shape[1]} tokens + length {length} needs a context of {prompt.shape[1] + length - 1} "
             f"positions, more than the model's seq_len={model.seq_len}; shorten the prompt or the length"
         )
-    if temperature < 0:
-        raise InputError(f"temperature={temperature} must be >= 0")
+    check_sampling(temperature, top_k)
+
+
+def check_sampling(temperature: float, top_k: int | None) -> None:
+    """Refuse a temperature or top-k that sampling cannot use."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature={temperature} must be a number >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise InputError(f"top_k={top_k} must be >= 1 (or left out: every token)")

@@ -85,7 +85,7 @@ def test_sample_refuses_missing_or_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00garbage")
     result = run("sample.py", "--ckpt", str(bad))
-    assert result.returncode == 2 and "is not a readable Sparse Transformer checkpoint" in result.stderr
+    assert result.returncode == 2 and "is not a readable checkpoint: truncated or not a checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -12,13 +12,16 @@ import train
 from sparse_transformer.model import Block
 from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO
 from sparse_transformer.training.checkpointing import RunCheckpoint
-from sparse_transformer.training.loss_guard import NonFiniteLossGuard
+from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.progress import RunProgressBar
 from sparse_transformer.training.sample_logger import SampleLogger
+from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-SHARED = (NonFiniteLossGuard, RunCheckpoint, LearningRateMonitor, TokenThroughputMonitor, RunProgressBar, SampleLogger)
+SHARED = (
+    DivergenceGuard, StopOnSignal, RunCheckpoint, LearningRateMonitor, TokenThroughputMonitor, RunProgressBar, SampleLogger,
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -40,6 +43,8 @@ def test_every_config_gets_the_shared_setup_and_repeats_none_of_it(config):
     assert [sum(isinstance(c, kind) for c in trainer.callbacks) for kind in SHARED] == [1] * len(SHARED)
     (checkpoint,) = [c for c in trainer.callbacks if isinstance(c, RunCheckpoint)]
     assert Path(checkpoint.dirpath) == (root / "checkpoints").resolve() and checkpoint.monitor == f"val_{cli.model.unit}"
+    if "tiny" not in config.stem:  # what users run: last.ckpt on a schedule of its own, minutes apart
+        assert checkpoint.last_every
     assert [type(lg) for lg in trainer.loggers] == [TensorBoardLogger, CSVLogger]
     assert all(Path(lg.save_dir) == root for lg in trainer.loggers)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

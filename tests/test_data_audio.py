@@ -73,3 +73,25 @@ def test_bad_audio_fails_with_one_line(folder, tmp_path):
     with pytest.raises(InputError, match=r"cannot read audio file .*broken.wav") as e:
         AudioFolderDataModule(root=str(folder), sample_rate=8000, seq_len=64).setup()
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".ogg", ".mp3", ".aiff"])
+def test_every_format_soundfile_reads_is_read(tmp_path, suffix):
+    t = np.arange(8000) / 8000
+    soundfile.write(tmp_path / f"tone{suffix}", 0.5 * np.sin(2 * np.pi * 440 * t), 8000)
+    codes = load_mu_law(tmp_path / f"tone{suffix}", 8000)
+    assert abs(len(codes) - 8000) < 1200  # compressed formats pad or trim a frame at the ends
+    assert Audio.to_waveform(torch.from_numpy(codes)).abs().max() > 0.4
+
+
+def test_unreadable_formats_and_cut_files_are_refused_in_one_line(folder):
+    (folder / "talk.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A ")
+    dm = AudioFolderDataModule(root=str(folder), sample_rate=8000, seq_len=100)
+    with pytest.raises(InputError, match=r"talk.m4a: .m4a is not a format soundfile reads here \(.wav .flac .ogg"):
+        dm.setup()
+    (folder / "talk.m4a").unlink()
+    (folder / "notes.txt").write_text("not audio: ignored")
+    cut = (folder / "clip3.wav").read_bytes()
+    (folder / "clip3.wav").write_bytes(cut[: len(cut) // 2])
+    with pytest.raises(InputError, match=r"clip3.wav is cut short: its header says \d+ bytes, the file has \d+"):
+        dm.setup()

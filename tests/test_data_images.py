@@ -94,3 +94,17 @@ def test_imagenet64_reads_its_two_folders(tmp_path):
     dm.setup()
     assert (len(dm.train), len(dm.val), dm.seq_len) == (3, 2, 12288)
     assert next(iter(dm.val_dataloader())).shape == (2, 12289)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "grey16"
+    folder.mkdir()
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)  # 0 .. 63,000 of 65,535
+    for i in range(4):
+        Image.fromarray(ramp).save(folder / f"{i}.png")
+    assert Image.open(folder / "0.png").mode.startswith("I")
+    dm = ImageFolderDataModule(root=str(folder), image_size=8, channels=1, val_fraction=0.25, batch_size=1)
+    dm.setup()
+    pixels = dm.train[0][1:].view(8, 8)
+    assert torch.equal(pixels, torch.from_numpy((ramp >> 8).astype(np.int64)))  # the top 8 bits, not min(x, 255)
+    assert (pixels == 255).sum() == 0

@@ -74,17 +74,18 @@ def test_missing_and_short_files_fail_clearly(tmp_path, corpus):
 
 def test_enwik8_missing_without_download(tmp_path):
     dm = Enwik8DataModule(root=str(tmp_path))
+    dm.prepare_data()  # without download: nothing to do; every rank checks in setup
     with pytest.raises(InputError, match="enwik8 not found at .*download=true"):
-        dm.prepare_data()
+        dm.setup()
 
 
 def test_enwik8_wrong_size_or_hash_is_refused(tmp_path, monkeypatch):
     (tmp_path / "enwik8").write_bytes(b"not wikipedia")
     with pytest.raises(InputError, match="has 13 bytes, enwik8 has 100000000"):
-        Enwik8DataModule(root=str(tmp_path)).prepare_data()
+        Enwik8DataModule(root=str(tmp_path)).setup()
     monkeypatch.setattr(text, "ENWIK8_SIZE", 13)
     with pytest.raises(InputError, match="has md5 .*, enwik8 has a1fa5ffd"):
-        Enwik8DataModule(root=str(tmp_path)).prepare_data()
+        Enwik8DataModule(root=str(tmp_path)).setup()
 
 
 def test_enwik8_download_unpacks_verifies_and_splits(tmp_path, monkeypatch):

@@ -1,6 +1,11 @@
 """Data parallel training through the real CLI: DDP with 2 CPU processes (gloo); the FSDP overlay's CPU refusal."""
 
 import csv
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -39,3 +44,57 @@ def test_fsdp_overlay_parses_and_cpu_is_refused_in_one_line(capsys):
         "error: trainer: The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`. "
         "Please set `accelerator='cuda'`, `accelerator='gpu'`, or pass a `CUDAAccelerator()` instance to use FSDP."
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node(rank: int, port: int, root, *args: str) -> subprocess.Popen:
+    """One node of a two-node run on this machine: ``train.py fit`` on tiny.yaml with NODE_RANK ``rank``."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
+    command += ["--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1"]
+    command += ["--trainer.default_root_dir", str(root), *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def error_lines(process: subprocess.Popen, timeout: float = 60) -> tuple[int, list[str], float]:
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, [line for line in stderr.splitlines() if line.startswith("error:")], time.monotonic()
+
+
+@pytest.mark.slow
+def test_a_check_that_fails_on_one_node_ends_both_at_once_with_its_line(tmp_path):
+    """Node 1 resumes from a folder of its own that holds no checkpoint; node 0 has one and would wait for node 1."""
+    first = train_tiny_checkpointing(tmp_path / "node0", "  max_steps: 2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    port = free_port()
+    node0 = node(0, port, tmp_path / "node0", "--ckpt_path", "last", "--trainer.max_steps", "4")
+    time.sleep(1)
+    node1 = node(1, port, tmp_path / "node1", "--ckpt_path", "last", "--trainer.max_steps", "4")
+    code1, lines1, end1 = error_lines(node1)
+    code0, lines0, end0 = error_lines(node0)
+    expected = f"error: rank 1: --ckpt_path last: no {tmp_path / 'node1' / 'checkpoints' / 'last.ckpt'};"
+    assert code0 == code1 == 2 and len(lines0) == len(lines1) == 1
+    assert lines0 == lines1 and lines0[0].startswith(expected)
+    assert abs(end0 - end1) < 10  # within seconds of each other, not after a 30-minute rendezvous timeout
+
+
+@pytest.mark.slow
+def test_a_node_rank_given_twice_ends_both_processes_in_one_line(tmp_path):
+    port = free_port()
+    first = node(0, port, tmp_path / "a")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until the first process serves the rendezvous port
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    second = node(0, port, tmp_path / "b")
+    code2, lines2, _ = error_lines(second)
+    code1, lines1, _ = error_lines(first)
+    expected = f"error: rank 0: the main port 127.0.0.1:{port} is taken, so this process cannot be rank 0"
+    assert code1 == code2 == 2 and lines1 == lines2 and len(lines1) == 1 and lines1[0].startswith(expected)

@@ -138,3 +138,17 @@ def test_kill_9_then_resume_from_last_matches_an_uninterrupted_run(tmp_path):
     assert final[0]["global_step"] == final[1]["global_step"] == 10
     torch.testing.assert_close(final[1]["state_dict"], final[0]["state_dict"], rtol=0, atol=0)
     torch.testing.assert_close(final[1]["optimizer_states"], final[0]["optimizer_states"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_run_whose_validation_stopped_improving_resumes_within_one_save_interval(tmp_path):
+    """Validation is best at step 3 and worse ever after; last.ckpt still follows every 2 steps."""
+    worse = ["--trainer.callbacks+=tests.killer.NoBetterValidation", "--trainer.callbacks+=tests.killer.KillAtStep"]
+    crashed = train(tmp_path / "run", *worse, "--trainer.callbacks.step=8")
+    assert crashed.returncode == -9
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints[0] == "last.ckpt" and checkpoints[1].startswith("step=3-val_bpb=")  # best: the first validation
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    resumed = train(tmp_path / "run", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(logged_losses(tmp_path / "run" / "csv" / "version_1")) == [8, 9]  # no step lost since the last save

@@ -90,7 +90,7 @@ def test_cache_keeps_only_the_blocks_later_queries_read():
             r"prompt of 40 tokens \+ length 10 needs a context of 49 positions, more than the model.s seq_len=48",
         ),
         (torch.zeros(1, 4, dtype=torch.long), 0, 1.0, r"length=0 must be >= 1"),
-        (torch.zeros(1, 4, dtype=torch.long), 4, -0.5, r"temperature=-0.5 must be >= 0"),
+        (torch.zeros(1, 4, dtype=torch.long), 4, -0.5, r"temperature=-0.5 must be a number >= 0 \(0 is greedy\)"),
     ],
 )
 def test_bad_sampling_requests_are_refused(prompt, length, temperature, message):

@@ -1,4 +1,4 @@
-"""Raw audio as byte sequences: a folder of WAV / FLAC files -> mono, resampled, 8-bit mu-law windows.
+"""Raw audio as byte sequences: a folder of audio files -> mono, resampled, 8-bit mu-law windows.
 
 The paper's classical-music model (section 7.4) reads 65,536-step windows of 8-bit mu-law audio. Files
 are decoded once in ``setup`` (soundfile; torchaudio no longer does file I/O), mixed to mono, resampled
@@ -9,6 +9,7 @@ to ``sample_rate`` and mu-law encoded to one byte per step, and held in memory: 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile
@@ -16,23 +17,50 @@ import torch
 import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
-from sparse_transformer.data.sequences import SequenceDataModule
-from sparse_transformer.errors import InputError
+from sparse_transformer.data.sequences import SequenceDataModule, files_fingerprint
+from sparse_transformer.errors import InputError, plural
 from sparse_transformer.modality import START, Audio
 
-AUDIO_SUFFIXES = (".wav", ".flac")
+# File endings of the formats libsndfile reads (those this build has: soundfile.available_formats()).
+FORMATS = {
+    ".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG", ".opus": "OGG", ".mp3": "MP3", ".aiff": "AIFF",
+    ".aif": "AIFF", ".aifc": "AIFF", ".au": "AU", ".caf": "CAF", ".w64": "W64", ".rf64": "RF64",
+}  # fmt: skip
+AUDIO_SUFFIXES = tuple(suffix for suffix, name in FORMATS.items() if name in soundfile.available_formats())
+# Audio formats it does not read: refused by name rather than skipped like a stray text file.
+UNREADABLE_SUFFIXES = (".m4a", ".aac", ".alac", ".wma", ".ape", ".amr", ".mka", ".webm")
 
 
 def load_mu_law(path: Path, sample_rate: int) -> np.ndarray:
-    """One file -> ``(T,)`` uint8 mu-law codes at ``sample_rate``, mono."""
+    """One file -> ``(T,)`` uint8 mu-law codes at ``sample_rate``, mono; a file cut short is refused."""
     try:
+        frames = soundfile.info(path).frames
         wave, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (T, channels)
     except (soundfile.LibsndfileError, RuntimeError) as e:
         raise InputError(f"cannot read audio file {path}: {e}") from e
+    declared, actual = declared_size(path), path.stat().st_size
+    if declared is not None and declared > actual:
+        raise InputError(f"audio file {path} is cut short: its header says {declared} bytes, the file has {actual}")
+    if len(wave) < 0.99 * frames:  # compressed formats: fewer frames decode than the header promises
+        raise InputError(f"audio file {path} is cut short: its header says {frames} frames, {len(wave)} decode")
     mono = torch.from_numpy(wave.mean(axis=1))
     if rate != sample_rate:
         mono = AF.resample(mono, rate, sample_rate)
     return Audio.to_tokens(mono).numpy()
+
+
+def declared_size(path: Path) -> int | None:
+    """The file size a RIFF (WAV) or IFF (AIFF) header declares; None for other formats or an unknown size.
+
+    libsndfile reads a truncated WAV as a shorter one without a word, so the header is checked here.
+    """
+    with path.open("rb") as f:
+        head = f.read(8)
+    order = {b"RIFF": "little", b"FORM": "big"}.get(head[:4])
+    if order is None or len(head) < 8:
+        return None
+    size = int.from_bytes(head[4:8], order)
+    return None if size in (0, 0xFFFFFFFF) else size + 8  # streaming writers leave the size open
 
 
 class AudioWindows(Dataset):
@@ -54,7 +82,8 @@ class AudioWindows(Dataset):
 
 
 class AudioFolderDataModule(SequenceDataModule):
-    """A folder of WAV / FLAC files (searched recursively), split by file into train and val.
+    """A folder of audio files (searched recursively: WAV, FLAC, OGG, MP3, AIFF and the other formats libsndfile
+    reads), split by file into train and val.
 
     Training draws windows at random positions with replacement (seeded); validation and test read
     non-overlapping windows of the held-out files in order.
@@ -80,29 +109,38 @@ class AudioFolderDataModule(SequenceDataModule):
         num_workers: int = 0,
         seed: int = 1234,
     ):
-        super().__init__()
+        super().__init__(batch_size, samples_per_epoch, num_workers, seed)
         self.save_hyperparameters()
         if not 0 < val_fraction < 1:
-            raise InputError(f"val_fraction={val_fraction} must be between 0 and 1")
-        if sample_rate < 1 or seq_len < 1:
-            raise InputError(f"sample_rate={sample_rate} and seq_len={seq_len} must be >= 1")
+            raise InputError(f"data val_fraction={val_fraction} must be between 0 and 1")
+        for name, value in (("sample_rate", sample_rate), ("seq_len", seq_len)):
+            if value < 1:
+                raise InputError(f"data {name}={value} must be >= 1")
         self.root, self.sample_rate, self.seq_len, self.val_fraction = Path(root), sample_rate, seq_len, val_fraction
-        self.batch_size, self.samples_per_epoch = batch_size, samples_per_epoch
-        self.num_workers, self.seed = num_workers, seed
 
     @property
     def modality(self) -> Audio:
         return Audio(self.sample_rate)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.root.is_file():
+            raise InputError(f"audio folder {self.root} is a file; give the folder that holds the recordings")
         if not self.root.is_dir():
             raise InputError(f"audio folder {self.root} not found")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        found = sorted(p for p in self.root.rglob("*") if p.is_file())
+        unreadable = [p for p in found if p.suffix.lower() in UNREADABLE_SUFFIXES]
+        if unreadable:
+            raise InputError(
+                f"audio file {unreadable[0]}: {unreadable[0].suffix} is not a format soundfile reads here "
+                f"({' '.join(AUDIO_SUFFIXES)}); convert it, e.g. ffmpeg -i {unreadable[0].name} {unreadable[0].stem}.flac"
+            )
+        files = [p for p in found if p.suffix.lower() in AUDIO_SUFFIXES]
         if len(files) < 2:
             raise InputError(
-                f"audio folder {self.root} has {len(files)} audio files ({', '.join(AUDIO_SUFFIXES)}); "
-                f"need at least 2 to hold one out for validation"
+                f"audio folder {self.root} has {plural(len(files), 'audio file')} ({' '.join(AUDIO_SUFFIXES)}); "
+                "need at least 2 to hold one out for validation"
             )
+        self.files = files
         n_val = min(max(1, round(self.val_fraction * len(files))), len(files) - 1)
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train_files = [files[i] for i in sorted(order[n_val:])]
@@ -119,3 +157,6 @@ class AudioFolderDataModule(SequenceDataModule):
 
     def epoch_size(self) -> int:
         return len(self.train) // self.seq_len  # one pass worth of audio
+
+    def fingerprint(self) -> dict[str, Any]:
+        return files_fingerprint(self.files, self.root)

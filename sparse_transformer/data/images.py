@@ -8,15 +8,16 @@ paper). The model's factorized positional embedding gets (rows, cols, channels) 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 import PIL.Image
+import torch
 from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from sparse_transformer.data.sequences import SequenceDataModule
-from sparse_transformer.errors import InputError
+from sparse_transformer.data.sequences import SequenceDataModule, files_fingerprint
+from sparse_transformer.errors import InputError, plural
 from sparse_transformer.modality import START, Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -59,9 +60,21 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with PIL.Image.open(self.files[i]) as image:
-            pixels = np.asarray(image.convert("RGB" if self.shape[2] == 3 else "L"))
+        try:
+            with PIL.Image.open(self.files[i]) as image:
+                pixels = eight_bit(image, grey=self.shape[2] == 1)
+        except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt past the header
+            raise InputError(f"cannot read image {self.files[i]}: {e}") from e
         return torch.from_numpy(pixels.reshape(self.shape).copy())  # (H, W, C)
+
+
+def eight_bit(image: PIL.Image.Image, grey: bool) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 pixels; 16-bit and 32-bit integer images are scaled, not clipped."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": one channel of 16 or 32 bits
+        wide = np.asarray(image).astype(np.int64)
+        bits = 16 if image.mode.startswith("I;16") or wide.max(initial=0) < 1 << 16 else 32
+        image = PIL.Image.fromarray((wide >> (bits - 8)).clip(0, 255).astype(np.uint8), mode="L")
+    return np.asarray(image.convert("L" if grey else "RGB"))
 
 
 def find_images(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
@@ -71,6 +84,8 @@ def find_images(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     a DataLoader worker mid-epoch. PIL reads only the header: about 0.1 ms a file on this project's CPU,
     so 2 minutes for ImageNet 64's 1.28M training images, once per run.
     """
+    if folder.is_file():
+        raise InputError(f"image folder {folder} is a file; give the folder that holds the images")
     if not folder.is_dir():
         raise InputError(f"image folder {folder} not found")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -115,12 +130,12 @@ class ImageDataModule(SequenceDataModule):
         num_workers: int = 0,
         seed: int = 1234,
     ):
-        super().__init__()
-        if image_size < 1 or channels not in (1, 3):
-            raise InputError(f"image_size={image_size} must be >= 1 and channels={channels} must be 1 or 3")
+        super().__init__(batch_size, samples_per_epoch, num_workers, seed)
+        if image_size < 1:
+            raise InputError(f"data image_size={image_size} must be >= 1")
+        if channels not in (1, 3):
+            raise InputError(f"data channels={channels} must be 1 (grey) or 3 (RGB)")
         self.shape = (image_size, image_size, channels)
-        self.batch_size, self.samples_per_epoch = batch_size, samples_per_epoch
-        self.num_workers, self.seed = num_workers, seed
 
     @property
     def seq_len(self) -> int:
@@ -144,17 +159,23 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if not 0 < val_fraction < 1:
-            raise InputError(f"val_fraction={val_fraction} must be between 0 and 1")
+            raise InputError(f"data val_fraction={val_fraction} must be between 0 and 1")
         self.root, self.val_fraction = Path(root), val_fraction
 
     def setup(self, stage: str | None = None) -> None:
         files = find_images(self.root, self.shape)
         n_val = max(1, round(self.val_fraction * len(files)))
         if n_val >= len(files):
-            raise InputError(f"image folder {self.root} has {len(files)} images: too few to hold out {n_val} for validation")
+            raise InputError(
+                f"image folder {self.root} has {plural(len(files), 'image')}: too few to hold out {n_val} for validation"
+            )
+        self.files = files
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train = ImageBytes(ImageFiles([files[i] for i in sorted(order[n_val:])], self.shape))
         self.val = self.test = ImageBytes(ImageFiles([files[i] for i in sorted(order[:n_val])], self.shape))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return files_fingerprint(self.files, self.root)
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -216,5 +237,9 @@ class ImageNet64DataModule(ImageDataModule):
                 f"valid_64x64.tar (van den Oord et al. 2016; image-net.org, with an ImageNet account) and unpack "
                 f"them under {self.root} (the .npz variant of Chrabaszcz et al. 2017 is resized differently and not read)"
             )
-        self.train = ImageBytes(ImageFiles(find_images(folders[0], self.shape), self.shape))
-        self.val = self.test = ImageBytes(ImageFiles(find_images(folders[1], self.shape), self.shape))
+        self.files = [find_images(folder, self.shape) for folder in folders]
+        self.train = ImageBytes(ImageFiles(self.files[0], self.shape))
+        self.val = self.test = ImageBytes(ImageFiles(self.files[1], self.shape))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return files_fingerprint(self.files[0] + self.files[1], self.root)

@@ -8,6 +8,7 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,14 +75,18 @@ class ByteTextDataModule(SequenceDataModule):
         num_workers: int = 0,
         seed: int = 1234,
     ):
-        super().__init__()
-        if abs(sum(split) - 1) > 1e-6 or min(split) < 0:
+        super().__init__(batch_size, samples_per_epoch, num_workers, seed)
+        self.save_hyperparameters()
+        if len(split) != 3 or abs(sum(split) - 1) > 1e-6 or min(split) < 0:
             raise InputError(f"data split {list(split)} must be three non-negative fractions summing to 1")
+        if seq_len < 1:
+            raise InputError(f"data seq_len={seq_len} must be >= 1")
         self.path = Path(path) if path else EMBEDDED_CORPUS
-        self.seq_len, self.split, self.batch_size = seq_len, split, batch_size
-        self.samples_per_epoch, self.num_workers, self.seed = samples_per_epoch, num_workers, seed
+        self.seq_len, self.split = seq_len, split
 
     def setup(self, stage: str | None = None) -> None:
+        if self.path.is_dir():
+            raise InputError(f"data file {self.path} is a folder; give data.init_args.path a file of raw bytes")
         if not self.path.is_file():
             raise InputError(f"data file {self.path} not found; give data.init_args.path a file of raw bytes")
         size = self.path.stat().st_size
@@ -100,6 +105,14 @@ class ByteTextDataModule(SequenceDataModule):
     def epoch_size(self) -> int:
         return len(self.train) // self.seq_len  # one pass worth of bytes
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The file's size and a hash of its first and last MiB: cheap on 100 MB, and another file differs."""
+        size = self.path.stat().st_size
+        with self.path.open("rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(size - (1 << 20), 0))
+            return {"file_bytes": size, "file_sha256": hashlib.sha256(head + f.read()).hexdigest()[:16]}
+
 
 class Enwik8DataModule(ByteTextDataModule):
     """enwik8 (first 10^8 bytes of an English Wikipedia dump) with the standard 90M / 5M / 5M split.
@@ -114,15 +127,18 @@ class Enwik8DataModule(ByteTextDataModule):
         self.download = download
 
     def prepare_data(self) -> None:
-        if self.path.is_file():
-            verify_enwik8(self.path)
-        elif self.download:
+        if self.download and not self.path.exists():
             prepare_enwik8(self.path.parent)
-        else:
+
+    def setup(self, stage: str | None = None) -> None:
+        """Checked on every rank, where a failure reaches the others (``training/distributed.py``)."""
+        if not self.path.is_file():
             raise InputError(
                 f"enwik8 not found at {self.path}; set data.init_args.download=true or run "
                 f"`python -m sparse_transformer.data.text {self.path.parent}`"
             )
+        verify_enwik8(self.path)
+        super().setup(stage)
 
 
 def verify_enwik8(path: Path) -> None:

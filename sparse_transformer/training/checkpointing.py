@@ -1,5 +1,5 @@
 """The run's checkpoints in ``<run folder>/checkpoints``: ``last.ckpt``, always the latest state, and the best
-``save_top_k`` by the validation metric.
+``save_top_k`` by the validation metric, each recording what makes its run.
 
 Lightning's ModelCheckpoint writes ``last.ckpt`` only when it also writes a top-k file; with a monitored
 metric that stops improving, ``last.ckpt`` would stay at an old step and a resumed run would silently lose
@@ -9,10 +9,13 @@ everything since. Here ``last.ckpt`` is written on its own schedule, whatever th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from sparse_transformer.files import TEMPORARY_SUFFIX
+from sparse_transformer.training.resume import check_resumable, run_identity
 from sparse_transformer.training.run_folder import LAST
 
 
@@ -21,7 +24,11 @@ class RunCheckpoint(ModelCheckpoint):
     ``step=<step>-<metric>=<value>.ckpt`` for the best ``save_top_k`` validations (Lightning's ModelCheckpoint).
 
     ``train.py`` links ``dirpath`` to the run folder and ``monitor`` to the data's metric (``val_bpb`` for text,
-    ``val_bpd`` for images and audio), so a config sets only how often and how many (``checkpoint:``).
+    ``val_bpd`` for images and audio), so a config sets only how often and how many (``checkpoint:``), and
+    tells it the seed and the checkpoint the run resumes from (``seed``, ``resume_from``).
+
+    Before training it removes temporary files a killed save left behind, and refuses to resume from a
+    checkpoint of another run (``resume.py``); every checkpoint it writes records this run's identity.
 
     Args:
         dirpath: ``<trainer.default_root_dir>/checkpoints``; linked, not set by hand.
@@ -43,10 +50,30 @@ class RunCheckpoint(ModelCheckpoint):
         )
         self.last_every = every_n_train_steps
         self.last_saved_step: int | None = None
+        self.seed: int | None = None
+        self.resume_from: str | None = None
+        self.run: dict[str, Any] | None = None
 
     @property
     def last_path(self) -> Path:
         return Path(self.dirpath) / LAST
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if trainer.is_global_zero:
+            for stale in Path(self.dirpath).glob(f".*{TEMPORARY_SUFFIX}"):
+                stale.unlink(missing_ok=True)  # a save that a kill interrupted
+        # After the DataModule's setup, so the identity covers the data's files.
+        self.run = run_identity(pl_module, trainer.datamodule, self.seed)
+        if self.resume_from and self.resume_from not in ("best", "hpc"):
+            check_resumable(self.resume_from, pl_module, self.run)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.run is not None:
+            checkpoint["run"] = self.run
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def write_last(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` with the trainer's current state (on every rank: the save is collective)."""

@@ -3,12 +3,14 @@
 Shared here, in one place, so configs say only what differs:
 
 - trainer defaults (gradient clipping at 1.0 as in the paper, atomic checkpoint writes, the run folder);
-- callbacks on every run: the NaN guard, tokens/s and MFU, the learning rate, rich progress with metrics;
+- callbacks on every run: the divergence guard, a clean stop on SIGTERM / SIGINT, tokens/s and MFU, the
+  learning rate, rich progress with metrics;
 - TensorBoard and CSV loggers in the run folder (``--trainer.logger false`` turns them off);
 - ``checkpoint:`` (``RunCheckpoint``) and ``samples:`` (``SampleLogger``), configurable per config;
 - links from the data to the model: the context, the modality, and the metric checkpoints are ranked by.
 
-A run's folder is ``trainer.default_root_dir`` (``run_folder.py``).
+A run's folder is ``trainer.default_root_dir`` (``run_folder.py``). In a run of several processes a failure
+on any of them ends all of them at once (``distributed.py``).
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from sparse_transformer.errors import InputError
+from sparse_transformer.errors import InputError, Interrupted, input_error, one_line
 from sparse_transformer.files import write_atomic
 from sparse_transformer.training.checkpointing import RunCheckpoint
+from sparse_transformer.training.distributed import FailureWatch, port_taken, watch_from_environment
+from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
-from sparse_transformer.training.loss_guard import NonFiniteLossGuard
 from sparse_transformer.training.progress import RunProgressBar
-from sparse_transformer.training.resume import check_resumable
 from sparse_transformer.training.run_folder import checkpoint_dir, checkpoint_to_resume
 from sparse_transformer.training.sample_logger import SampleLogger
+from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -85,17 +88,24 @@ class SparseTransformerCLI(LightningCLI):
         # Lightning cannot see that our training sampler resumes mid-epoch (data/training_order.py); it does.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         self.resume_from: str | None = None
-        super().__init__(
-            SparseTransformerLM,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            parser_class=OneLineErrorParser,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=SaveRunConfig,
-            auto_configure_optimizers=False,  # the LightningModule configures AdamW and its schedule
-            args=args,
-            run=run,
-        )
+        self.seed: int | None = None
+        self.stop_on_signal = StopOnSignal()
+        self.watch: FailureWatch | None = None
+        try:
+            super().__init__(
+                SparseTransformerLM,
+                L.LightningDataModule,
+                subclass_mode_data=True,
+                parser_class=OneLineErrorParser,
+                trainer_defaults=TRAINER_DEFAULTS,
+                save_config_callback=SaveRunConfig,
+                auto_configure_optimizers=False,  # the LightningModule configures AdamW and its schedule
+                args=args,
+                run=run,
+            )
+        except Exception as e:
+            self._tell_the_other_ranks(e)
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.network.seq_len", apply_on="instantiate")
@@ -112,6 +122,8 @@ class SparseTransformerCLI(LightningCLI):
         super().parse_arguments(parser, args)
         if self.config.get("subcommand") == "fit":
             self.resume_from, self.config.fit.ckpt_path = self.config.fit.ckpt_path, None
+            seed = self.config.fit.seed_everything  # before LightningCLI draws a random one for True
+            self.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The shared loggers and callbacks in the run folder; Lightning's refusal of a setting is a bad config."""
@@ -121,24 +133,56 @@ class SparseTransformerCLI(LightningCLI):
         if config.get("logger") in (None, True):
             kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
         logging = config.get("logger") is not False
-        callbacks = [NonFiniteLossGuard()]
+        callbacks = [DivergenceGuard(), self.stop_on_signal]
         if logging:
             callbacks += [LearningRateMonitor(logging_interval="step"), TokenThroughputMonitor()]
         if config.get("enable_progress_bar") is not False:
             callbacks.append(RunProgressBar())
         kwargs["callbacks"] = [*(config.get("callbacks") or []), *callbacks]
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as e:
             raise InputError(f"trainer: {' '.join(str(e).split())}") from e
+        precision = str(config.get("precision"))
+        if trainer.accelerator.__class__.__name__ == "CPUAccelerator" and precision.startswith("16"):
+            raise InputError(
+                f"trainer.precision={precision!r} needs a CUDA GPU (fp16 autocast); on a CPU use 32-true or bf16-mixed"
+            )
+        return trainer
 
     def before_fit(self) -> None:
-        """``--ckpt_path last`` is the run folder's last.ckpt; a checkpoint is checked before restoring, and a new
-        run refuses a folder that holds another run's checkpoints."""
+        """``--ckpt_path last`` is the run folder's last.ckpt, and a new run refuses a folder that holds another
+        run's checkpoints; RunCheckpoint checks the checkpoint against this run before anything is restored."""
+        if self.trainer.world_size > 1:
+            self.watch = self._failure_watch()
         ckpt_path = checkpoint_to_resume(self.trainer.default_root_dir, self.resume_from)
-        if ckpt_path and ckpt_path not in ("best", "hpc"):
-            check_resumable(ckpt_path, self.model)
+        checkpoint = next(c for c in self.trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint))
+        checkpoint.seed, checkpoint.resume_from = self.seed, ckpt_path
         self.config_init["fit"]["ckpt_path"] = ckpt_path
+
+    def after_fit(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+        if self.stop_on_signal.stopped is not None:
+            raise self.stop_on_signal.stopped
+
+    def _failure_watch(self) -> FailureWatch:
+        strategy = self.trainer.strategy
+        strategy.set_world_ranks()  # the ranks Lightning would set when fit starts, from the cluster's variables
+        environment = strategy.cluster_environment
+        return FailureWatch(environment.main_address, environment.main_port, f"rank {self.trainer.global_rank}").start()
+
+    def _tell_the_other_ranks(self, error: Exception) -> None:
+        """In a run of several processes, a failure here ends the others with the same line (``distributed.py``)."""
+        watch = self.watch or watch_from_environment()
+        if watch is None or isinstance(error, Interrupted):
+            return
+        cause = input_error(error)
+        message = one_line(cause) if cause is not None else port_taken(error, watch.address, watch.port, watch.rank)
+        if message is None:  # an unexpected error: the others stop too, this rank shows the traceback
+            watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
+            return
+        raise InputError(watch.report(message)) from error
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

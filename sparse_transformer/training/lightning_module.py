@@ -8,8 +8,10 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from sparse_transformer.errors import InputError
 from sparse_transformer.modality import Modality
 from sparse_transformer.model import ModelConfig, SparseTransformer
 
@@ -39,6 +41,7 @@ class SparseTransformerLM(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_optimizer(lr, betas, weight_decay, warmup_steps, min_lr_ratio)
         self.modality = Modality.from_spec(modality)
         self.unit = self.modality.unit
         self.model = SparseTransformer(network, self.modality)
@@ -51,6 +54,18 @@ class SparseTransformerLM(L.LightningModule):
         x, y = batch[:, :-1], batch[:, 1:]  # (B, N) each
         logits = self(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def on_train_start(self) -> None:
+        """Apply the configured lr and schedule also to a resumed run, whose optimizer and scheduler come back
+        with the checkpoint's: the lr may change on resume (a diverged run resumes with a lower one)."""
+        scheduler, optimizer = self.lr_schedulers(), self.optimizers(use_pl_optimizer=False)
+        before = scheduler.base_lrs[0]
+        scheduler.base_lrs = [self.hparams.lr] * len(scheduler.base_lrs)
+        for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = self.hparams.lr
+            group["lr"] = self.hparams.lr * lr_lambda(scheduler.last_epoch)
+        if before != self.hparams.lr:
+            rank_zero_info(f"resuming with lr {self.hparams.lr:g} (the checkpoint trained with {before:g})")
 
     def on_train_batch_start(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.model.before_step(self.global_step)
@@ -89,6 +104,20 @@ class SparseTransformerLM(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_optimizer(lr: float, betas: tuple[float, float], weight_decay: float, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Refuse optimizer options AdamW or the schedule cannot use, in one line naming the value."""
+    if not (math.isfinite(lr) and 0 < lr < 1e6):
+        raise InputError(f"model lr={lr} must be a positive number below 1e6")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise InputError(f"model betas={list(betas)} must be two numbers in [0, 1)")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise InputError(f"model weight_decay={weight_decay} must be >= 0")
+    if warmup_steps < 0:
+        raise InputError(f"model warmup_steps={warmup_steps} must be >= 0")
+    if not 0 <= min_lr_ratio <= 1:
+        raise InputError(f"model min_lr_ratio={min_lr_ratio} must be in [0, 1]")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

@@ -1,8 +1,18 @@
-"""Checks a checkpoint before a run resumes from it, so a wrong file fails in one line, not mid-restore."""
+"""What makes a run, and the check that a checkpoint belongs to the run that resumes from it.
+
+A checkpoint records its run's identity: the model's options, the data (its DataModule, options and a
+fingerprint of its files) and the seed, with a hash of all of them. Resuming from a checkpoint of another run,
+or from a file that is no checkpoint of ours, stops in one line naming the file and what differs, before
+anything is restored. What may change on resume: the attention backend and recomputation (they do not change
+the function), the learning rate and its schedule (a diverged run resumes with a lower lr), and anything of
+the trainer's (more steps, other devices, workers).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,33 +21,48 @@ import torch
 
 from sparse_transformer.errors import InputError
 
-# Settings that may change between a run and its resumption: they do not change the function or the optimizer.
-FREE_ON_RESUME = {"network.backend", "network.recompute"}
+FREE_ON_RESUME = {"model.network.backend", "model.network.recompute", "model.lr", "model.warmup_steps", "model.min_lr_ratio"}
+NOT_IDENTITY = {"data.num_workers"}  # how the data is read, not which data
 
 
-def check_resumable(path: str, module: L.LightningModule) -> None:
-    """Refuse a missing, unreadable or mismatched checkpoint with one line naming the file and the problem.
+def run_identity(module: L.LightningModule, datamodule: L.LightningDataModule | None, seed: int | None) -> dict[str, Any]:
+    """``{"hash": ..., "model.network.d_model": 256, ..., "data.batch_size": 16, "data.file_sha256": ..., "seed": 0}``."""
+    identity: dict[str, Any] = {**flat(dict(module.hparams), "model."), "seed": seed}
+    if datamodule is not None:
+        identity["data.class"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+        identity.update(flat({**dict(datamodule.hparams), **fingerprint(datamodule)}, "data."))
+    identity = {k: v for k, v in identity.items() if k not in FREE_ON_RESUME | NOT_IDENTITY}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"hash": digest, **identity}
 
-    The model's settings must be the checkpoint's (but for ``FREE_ON_RESUME``): a changed ``lr`` would be
-    overridden by the restored optimizer anyway, and a changed shape could not be loaded at all.
+
+def fingerprint(datamodule: L.LightningDataModule) -> dict[str, Any]:
+    return datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else {}
+
+
+def check_resumable(path: str, module: L.LightningModule, identity: dict[str, Any] | None = None) -> None:
+    """Refuse a missing, unreadable or foreign checkpoint with one line naming the file and the problem.
+
+    With the run's ``identity`` the checkpoint's must match it; a checkpoint that records none (written
+    outside ``train.py``) must match the model's options.
     """
-    if not Path(path).is_file():
-        raise InputError(f"checkpoint {path} not found")
-    try:
-        # mmap: the tensors are not read, so checking a multi-GB checkpoint costs nothing; weights_only: no code runs.
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, ...: the same to a user
-        raise InputError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__})") from e
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer_states" not in ckpt:
         raise InputError(
             f"checkpoint {path} has no training state (state_dict and optimizer); resume from one written by train.py"
         )
-    saved, current = flat(ckpt.get("hyper_parameters", {})), flat(dict(module.hparams))
-    differ = [k for k in current if k in saved and k not in FREE_ON_RESUME and saved[k] != current[k]]
+    if identity is not None and "run" in ckpt:
+        saved, current = ckpt["run"], identity
+    else:
+        saved = flat(ckpt.get("hyper_parameters", {}), "model.")
+        current = {k: v for k, v in flat(dict(module.hparams), "model.").items() if k in saved}
+    differ = [k for k in current if k != "hash" and k not in FREE_ON_RESUME and saved.get(k, "(none)") != current[k]]
     if differ:
-        what = ", ".join(f"{k}: checkpoint {saved[k]!r}, config {current[k]!r}" for k in differ)
+        what = ", ".join(f"{k}: checkpoint {saved.get(k, '(none)')!r}, config {current[k]!r}" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise InputError(
-            f"checkpoint {path} does not match the configured model ({what}); resume with the checkpoint's settings or start a new run"
+            f"checkpoint {path} is from another run ({what}{more}); resume it with its own settings, or start a "
+            "new run in another folder (--trainer.default_root_dir)"
         )
     theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
     ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -47,9 +72,27 @@ def check_resumable(path: str, module: L.LightningModule) -> None:
         raise InputError(f"checkpoint {path} does not match the configured model ({what})")
 
 
+def read_checkpoint(path: str | Path) -> Any:
+    """The checkpoint's contents without reading its tensors (mmap) or running any code (weights_only)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"checkpoint {path} is a folder; give a .ckpt file (or --ckpt_path last for the run's latest)")
+    try:
+        if not path.is_file():
+            raise InputError(f"checkpoint {path} not found")
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except PermissionError as e:
+        raise InputError(f"checkpoint {path} cannot be read: permission denied") from e
+    except InputError:
+        raise
+    except Exception as e:  # truncated zip, not a torch file, ...: the same to a user
+        raise InputError(f"checkpoint {path} is not a readable checkpoint: truncated or not a checkpoint ({type(e).__name__})") from e
+
+
 def flat(hparams: Any, prefix: str = "") -> dict[str, Any]:
-    """Hyperparameters as ``{"network.pattern.kind": "strided", ...}``, in the form they compare in whether saved
-    or parsed (dataclass or dict, tuple or list); private keys such as LightningCLI's ``_instantiator`` left out."""
+    """Hyperparameters as ``{"model.network.pattern.kind": "strided", ...}``, in the form they compare in whether
+    saved or parsed (dataclass or dict, tuple or list); private keys such as LightningCLI's ``_instantiator``
+    left out."""
     if dataclasses.is_dataclass(hparams):
         hparams = dataclasses.asdict(hparams)
     if not isinstance(hparams, dict):

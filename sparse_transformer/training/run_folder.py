@@ -31,6 +31,13 @@ def checkpoint_to_resume(root: str | Path, ckpt_path: str | None) -> str | None:
     SLURM requeue left Lightning's ``hpc_ckpt_*.ckpt`` there, which Lightning resumes from by itself).
     """
     root, folder = Path(root), checkpoint_dir(root)
+    try:
+        return _checkpoint_to_resume(root, folder, ckpt_path)
+    except PermissionError as e:
+        raise InputError(f"cannot read the run folder {root}: permission denied ({e.filename})") from e
+
+
+def _checkpoint_to_resume(root: Path, folder: Path, ckpt_path: str | None) -> str | None:
     if ckpt_path == "last":
         last = folder / LAST
         if not last.is_file():

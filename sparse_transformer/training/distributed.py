@@ -1,0 +1,101 @@
+"""A failure on one rank ends every rank of the run within seconds, each with the same one-line error.
+
+Lightning sets up the process group inside ``fit``. A rank that stops before it (a checkpoint missing from a
+node's own disk, a missing data file) or after it leaves the other ranks waiting at the next rendezvous or
+collective: 30 minutes, by default. So every process of a multi-process run watches one key in the run's
+TCP store, the one ``torch.distributed`` rendezvous on (``MASTER_ADDR:MASTER_PORT``, through torch's public
+``TCPStore``); a process that stops on an error writes its line there first, and every other process prints
+that line and exits with status 2. A process that finds the main port taken (``NODE_RANK`` given twice, or
+two runs on one port) reports that the same way. Where the store is not up yet because rank 0 itself failed
+early, rank 0 serves the key for a few seconds before it exits, so the others still read it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+
+from torch.distributed import TCPStore
+
+KEY = "sparse_transformer/error"
+POLL_SECONDS = 0.5
+SERVE_SECONDS = 10.0  # how long a failing rank 0 keeps its store up for the others to read the error
+
+
+class FailureWatch:
+    """Watches the run's store for another rank's error (a daemon thread) and reports this rank's own."""
+
+    def __init__(self, address: str, port: int, rank: str):
+        self.address, self.port, self.rank = address, port, rank  # rank: "rank 3", or "node 1" before ranks exist
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="failure-watch", daemon=True)
+
+    def start(self) -> FailureWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching; waits for the thread, whose store connection must not outlive the interpreter."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        store = None
+        while not self._stop.is_set():
+            try:
+                store = store or self._client()
+                if store.check([KEY]):
+                    message = store.get(KEY).decode()
+                    if not self._stop.is_set():
+                        print(f"error: {message}", file=sys.stderr, flush=True)
+                        os._exit(2)
+            except Exception:  # the store is not up yet, or already gone: try again
+                store = None
+            self._stop.wait(POLL_SECONDS)
+
+    def _client(self, seconds: float = 2.0) -> TCPStore:
+        return TCPStore(self.address, self.port, is_master=False, timeout=timedelta(seconds=seconds), wait_for_workers=False)
+
+    def report(self, message: str) -> str:
+        """Tell every other rank this one failed with ``message``; returns the line they print."""
+        self.stop()
+        line = f"{self.rank}: {message}"
+        try:
+            store = self._client(seconds=5.0)
+        except Exception:  # no store to reach: rank 0 failed before serving one
+            if self.rank not in ("rank 0", "node 0"):
+                return line
+            try:
+                store = TCPStore(self.address, self.port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+            except Exception:
+                return line
+            store.set(KEY, line)
+            time.sleep(SERVE_SECONDS)
+            return line
+        store.set(KEY, line)
+        return line
+
+
+def watch_from_environment() -> FailureWatch | None:
+    """A watch for a process of a multi-node run that failed before Lightning set up its ranks, from the
+    variables such a run is launched with (``MASTER_ADDR``, ``MASTER_PORT`` and ``NODE_RANK`` or ``RANK``)."""
+    env = os.environ
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env or not ({"NODE_RANK", "RANK"} & env.keys()):
+        return None
+    rank = f"rank {env['RANK']}" if "RANK" in env else f"node {env['NODE_RANK']}"
+    return FailureWatch(env["MASTER_ADDR"], int(env["MASTER_PORT"]), rank)
+
+
+def port_taken(error: BaseException, address: str, port: int, rank: str) -> str | None:
+    """The one-line message for torch's "address already in use" at the rendezvous, or None for other errors."""
+    text = str(error)
+    if "EADDRINUSE" not in text and "address already in use" not in text.lower():
+        return None
+    return (
+        f"the main port {address}:{port} is taken, so this process cannot be {rank}: another process already "
+        "runs it there (NODE_RANK given twice?), or pick another MASTER_PORT"
+    )
