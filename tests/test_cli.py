@@ -43,6 +43,7 @@ def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
     for p in a:
         data = p.read_bytes()
         assert data.startswith(b"The ") and len(data) == 44
+        assert p.stat().st_mode & 0o777 == checkpoint.stat().st_mode & 0o777  # samples readable like checkpoints
         assert data == (tmp_path / "b" / p.name).read_bytes()
     recomputed = run(*args, "--prompt", "The ", "--no-kv-cache", "--out", str(tmp_path / "c"))
     assert recomputed.returncode == 0, recomputed.stderr[-3000:]
