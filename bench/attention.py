@@ -35,7 +35,7 @@ from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import get_backend  # noqa: E402
 from sparse_transformer.model.patterns import AttentionPattern, density  # noqa: E402
 
-BACKENDS = ("sdpa", "flex", "triton", "blocks", "reference")  # run in this order: the baselines first
+BACKENDS = ("sdpa", "flex", "triton", "pieces", "blocks", "reference")  # run in this order: the baselines first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -15,22 +15,27 @@ import torch
 from sparse_transformer.model.kernels.reference import reference_attention
 
 AttentionFn = Callable[..., torch.Tensor]
-BACKENDS = ("auto", "triton", "blocks", "flex", "reference")
+BACKENDS = ("auto", "triton", "pieces", "blocks", "flex", "reference")
 
 
 def get_backend(name: str, device: torch.device) -> AttentionFn:
-    """The attention function for backend ``name``; ``auto`` is triton on CUDA and blocks elsewhere.
+    """The attention function for backend ``name``; ``auto`` is triton on CUDA, pieces on the CPU (PyTorch's
+    fused flash kernel on unmasked pieces of the layout) and blocks elsewhere (e.g. Apple's MPS).
 
     Imports are lazy: Triton reads TRITON_INTERPRET when it is first imported.
     """
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "blocks"
+        name = {"cuda": "triton", "cpu": "pieces"}.get(device.type, "blocks")
     if name == "reference":
         return reference_attention
     if name == "blocks":
         from sparse_transformer.model.kernels.blocks import blocks_attention
 
         return blocks_attention
+    if name == "pieces":
+        from sparse_transformer.model.kernels.pieces import pieces_attention
+
+        return pieces_attention
     if name == "triton":
         from sparse_transformer.model.kernels.blocksparse import blocksparse_attention
 
