@@ -1,19 +1,23 @@
 """Benchmark the attention backends: forward and forward+backward time, TFLOP/s and peak memory per N.
 
     python bench/attention.py                     # CUDA: every backend, N = 1024 ... 65536, bf16
-    python bench/attention.py --device cpu --backends blocks reference sdpa \\
-        --seq-lens 1024 2048 4096 8192 --dtype float32
+    python bench/attention.py --device cpu --backends sdpa flex pieces blocks --stride sqrt \\
+        --seq-lens 2048 4096 8192 16384 --dtype float32
     TRITON_INTERPRET=1 python bench/attention.py --seq-lens 64 128 --heads 2 --head-dim 16 --block-size 16 \\
         --dtype float32
 
-The sparse backends (triton, flex, blocks, reference) run the strided and fixed layouts of the paper; ``sdpa``
-is dense causal attention (torch's scaled_dot_product_attention, is_causal=True), the baseline to beat. The
-table is printed and written as Markdown, with the command that made it, to bench/results/attention-<device>.md.
+The sparse backends (triton, flex, pieces, blocks, reference) run the strided, fixed and local layouts of the
+paper; ``sdpa`` is dense causal attention (torch's scaled_dot_product_attention, is_causal=True), the baseline
+to beat. FlexAttention runs compiled on every device; on the CPU torch has no backward for it, so only its
+forward is timed there. The table is printed and written as Markdown, with the command that made it, to
+bench/results/attention-<device>.md, and a log-log plot of time against N beside it (with matplotlib, the
+``bench`` extra: ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench import plots  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import get_backend  # noqa: E402
 from sparse_transformer.model.patterns import AttentionPattern, density  # noqa: E402
@@ -65,7 +70,8 @@ def parse_args() -> argparse.Namespace:
                    "blocks (at least one), or 'sqrt': about sqrt(N / block size) blocks, the paper's l ~ sqrt(N) "
                    "counted in blocks")  # fmt: skip
     p.add_argument("--summary", type=int, default=32, help="c of fixed: summary positions per chunk")
-    p.add_argument("--head-mode", choices=("merged", "split"), default="merged", help="how the two rules share heads")
+    p.add_argument("--head-modes", nargs="+", choices=("interleaved", "merged", "split"), default=["merged"],
+                   help="how the two rules share heads; interleaved runs both layers' rules (rule 1 as the '-L1' layout)")
     p.add_argument("--layouts", nargs="+", choices=("strided", "fixed", "local", "dense"), default=["strided", "fixed"])
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--reference-max-n", type=int, default=8192, help="skip the O(N^2) reference above this N")
@@ -93,19 +99,53 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def pattern(kind: str, n: int, args: argparse.Namespace) -> AttentionPattern:
+def pattern(kind: str, n: int, args: argparse.Namespace, heads: str = "merged") -> AttentionPattern:
     """The pattern at length n, its l a whole number of blocks so the layout tiles it exactly."""
     bs = args.block_size
     if args.stride == "sqrt":
         l = max(1, round(math.sqrt(n / bs))) * bs
     else:
         l = max(1, -(-int(args.stride) // bs)) * bs
-    return AttentionPattern(kind, block_size=bs, stride=l, summary=min(args.summary, l), heads=args.head_mode)
+    return AttentionPattern(kind, block_size=bs, stride=l, summary=min(args.summary, l), heads=heads)
+
+
+def layouts(n: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """The layouts to run at length n, by name: ``strided``, ``strided-split``, ``strided-interleaved-L1``, ..."""
+    out = {}
+    for kind in args.layouts:
+        if kind == "dense":
+            out["dense"] = AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)
+            continue
+        for mode in args.head_modes if kind != "local" else ["merged"]:  # one rule: every mode is the same
+            name = kind if mode == "merged" else f"{kind}-{mode}"
+            layers = [0, 1] if mode == "interleaved" and kind != "local" else [0]
+            for layer in layers:
+                label = f"{name}-L{layer}" if len(layers) > 1 else name
+                out[label] = pattern(kind, n, args, mode).layout(args.heads, n, layer)
+    return out
 
 
 def sdpa(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
     """Dense causal attention with the backends' signature; the layout is ignored."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def compiled_flex(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
+    """FlexAttention compiled (torch.compile) with the layout's BlockMask: forward only on the CPU."""
+    from sparse_transformer.model.kernels.flex import flex_block_mask
+
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise NotImplementedError("FlexAttention has no backward on the CPU in torch 2.11")
+        q, k, v = q.detach(), k.detach(), v.detach()  # it refuses CPU inputs that require grad, even under no_grad
+    return _compile_flex()(q, k, v, block_mask=flex_block_mask(layout, block_size, q.device), scale=scale)
+
+
+@functools.cache
+def _compile_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 def backends(args: argparse.Namespace, notes: list[str]) -> dict[str, Callable]:
@@ -114,6 +154,8 @@ def backends(args: argparse.Namespace, notes: list[str]) -> dict[str, Callable]:
     for name in (b for b in BACKENDS if b in args.backends):
         if name == "sdpa":
             found[name] = sdpa
+        elif name == "flex":
+            found[name] = compiled_flex
         elif name == "triton" and args.device.type != "cuda" and not INTERPRET:
             notes.append("triton skipped: needs CUDA, or TRITON_INTERPRET=1 to run in Triton's interpreter")
         else:
@@ -193,9 +235,9 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Row]:
         for name, attend in attends.items():
             if name == "reference" and n > args.reference_max_n:
                 continue
-            for kind in ["causal"] if name == "sdpa" else args.layouts:
-                p = AttentionPattern("dense", block_size=args.block_size) if kind == "causal" else pattern(kind, n, args)
-                layout = p.layout(args.heads, n).to(args.device)
+            causal = {"causal": AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)}
+            for kind, layout in (causal if name == "sdpa" else layouts(n, args)).items():
+                layout = layout.to(args.device)
                 flops = 4.0 * args.batch * layout.sum().item() * args.block_size**2 * args.head_dim
                 times = ("OOM",) * 3
                 if (name, kind) not in out_of_memory:
@@ -223,9 +265,11 @@ def fmt(x: float | str) -> str:
 def speedup(row: Row, rows: list[Row], backend: str, layout: str | None) -> str:
     """Fwd+bwd time of ``backend`` at the same N (and layout) over this row's: above 1, this row is faster."""
     other = [r for r in rows if r.backend == backend and r.n == row.n and layout in (None, r.layout)]
-    if not other or not all(isinstance(t, float) for t in (row.fwd_bwd_ms, other[0].fwd_bwd_ms)):
-        return "-"
-    return f"{other[0].fwd_bwd_ms / row.fwd_bwd_ms:.2f}"
+    if other and all(isinstance(t, float) for t in (row.fwd_bwd_ms, other[0].fwd_bwd_ms)):
+        return f"{other[0].fwd_bwd_ms / row.fwd_bwd_ms:.2f}"
+    if other and all(isinstance(t, float) for t in (row.fwd_ms, other[0].fwd_ms)):
+        return f"{other[0].fwd_ms / row.fwd_ms:.2f} (fwd)"  # flex on the CPU: no backward to compare
+    return "-"
 
 
 HEADER = [
@@ -253,10 +297,9 @@ def flex_notes(args: argparse.Namespace) -> list[str]:
     from sparse_transformer.model.kernels.flex import flex_block_mask, flex_tile
 
     notes = []
-    for n in args.seq_lens:
+    for n in args.seq_lens if args.device.type == "cuda" else []:  # on the CPU flex takes the layout's blocks
         tile = flex_tile(args.block_size, n)
-        for kind in args.layouts if tile != args.block_size else []:
-            layout = pattern(kind, n, args).layout(args.heads, n)
+        for kind, layout in layouts(n, args).items() if tile != args.block_size else []:
             bm = flex_block_mask(layout, args.block_size, torch.device("cpu"))
             tiles = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item()
             c = n // tile
@@ -293,7 +336,8 @@ def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started:
         f"- command: `{command}`",
         f"- date: {started}; torch {torch.__version__}, triton {triton_version}",
         f"- q, k, v: [B, H, N, D] = [{args.batch}, {args.heads}, N, {args.head_dim}], {args.dtype}",
-        *(f"- {kind} (at N={args.seq_lens[0]}): {pattern(kind, args.seq_lens[0], args)}" for kind in args.layouts),
+        *(f"- {kind} (at N={args.seq_lens[0]}): {pattern(kind, args.seq_lens[0], args)}" for kind in args.layouts if kind != "dense"),
+        f"- head modes: {', '.join(args.head_modes)} (a layout named kind-mode; -L1: the rule of odd layers)",
         f"- sdpa: dense causal scaled_dot_product_attention, the baseline; reference only up to N={args.reference_max_n}",
         "",
         *HEADER,
@@ -303,7 +347,8 @@ def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started:
         "TFLOP/s: 4·B·tiles·bs²·D for the forward, counted on the layout's tiles (diagonal tiles in full; sdpa on "
         "the causal tiles), 2.5 times that for the backward. peak MiB: CUDA memory allocated during one fwd+bwd "
         "beyond q, k, v and the upstream gradient (n/a on CPU). x SDPA, x flex: their fwd+bwd time over this row's "
-        "at the same N (and layout); above 1 this row is faster. OOM: out of memory; n/a: not available.",
+        "at the same N (and layout), forward only where flex has no backward (the CPU); above 1 this row is faster. "
+        "OOM: out of memory; n/a: not available.",
     ]
     if notes:
         lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
@@ -325,8 +370,9 @@ def main() -> None:
     else:
         slug = "cpu-interpret" if INTERPRET else "cpu"
     out = args.out or Path(__file__).resolve().parent / "results" / f"attention-{slug}.md"
-    write_atomic(out, text)
-    print(f"\n{text}\nwritten to {out}")
+    plot = plots.attention_times(rows, out.with_suffix(".png"), f"{device_name(args.device)}, {args.dtype}, B={args.batch} H={args.heads} D={args.head_dim}, block {args.block_size}")
+    write_atomic(out, text + f"\n{plot}\n")
+    print(f"\n{text}\n{plot}\nwritten to {out}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and the package live at the repository root
 
 import train  # noqa: E402
+from bench import plots  # noqa: E402
 from bench.attention import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
@@ -69,10 +71,12 @@ def cli_args(options: dict[str, Any]) -> list[str]:
 
 
 class Meter(L.Callback):
-    """Training tokens/s over the timed steps (data loading and validation excluded) and peak memory."""
+    """Training tokens/s over the timed steps (data loading and validation excluded), peak memory, and the
+    validation curve: bits at each validation against the training tokens and training seconds before it."""
 
     def __init__(self, warmup_steps: int = 1):
         self.warmup_steps, self.steps, self.tokens, self.seconds = warmup_steps, 0, 0, 0.0
+        self.all_tokens, self.all_seconds, self.curve = 0, 0.0, []
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -90,9 +94,18 @@ class Meter(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._sync(module)
         self.steps += 1
+        seconds, tokens = time.perf_counter() - self.started, batch[:, 1:].numel()
+        self.all_seconds, self.all_tokens = self.all_seconds + seconds, self.all_tokens + tokens
         if self.steps > self.warmup_steps:  # the first step pays for allocation and kernel compilation
-            self.seconds += time.perf_counter() - self.started
-            self.tokens += batch[:, 1:].numel()
+            self.seconds += seconds
+            self.tokens += tokens
+
+    def on_validation_end(self, trainer, module) -> None:
+        metric = trainer.callback_metrics.get(f"val_{module.unit}")
+        if not trainer.sanity_checking and metric is not None and self.all_tokens:
+            point = {"step": trainer.global_step, "tokens": self.all_tokens, "seconds": self.all_seconds, "bits": float(metric)}
+            if not self.curve or self.curve[-1]["step"] != point["step"]:
+                self.curve.append(point)
 
     def on_train_end(self, trainer, module) -> None:
         if module.device.type == "cuda":
@@ -112,6 +125,7 @@ def current_rss() -> int:
 def run_variant(config: dict[str, Any], name: str, root: Path) -> dict[str, Any]:
     """Train and validate one variant in this process; returns its row."""
     args = ["--config", config["base"], *cli_args(config.get("common") or {}), *cli_args(config["variants"][name])]
+    shutil.rmtree(root / name, ignore_errors=True)  # a rerun replaces the variant's run folder
     cli = train.main([*args, "--trainer.default_root_dir", str(root / name)], run=False)
     meter = Meter()
     cli.trainer.callbacks.append(meter)
@@ -119,6 +133,9 @@ def run_variant(config: dict[str, Any], name: str, root: Path) -> dict[str, Any]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     wall = time.perf_counter() - started
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    final = {"step": cli.trainer.global_step, "tokens": meter.all_tokens, "seconds": meter.all_seconds}
+    if not meter.curve or meter.curve[-1]["step"] != final["step"]:
+        meter.curve.append({**final, "bits": metrics[f"val_{cli.model.unit}"]})
     return {
         "variant": name,
         "options": config["variants"][name],
@@ -129,6 +146,7 @@ def run_variant(config: dict[str, Any], name: str, root: Path) -> dict[str, Any]
         "steps": cli.trainer.global_step,
         "wall_s": wall,
         "device": str(cli.model.device),
+        "curve": meter.curve,
     }
 
 
@@ -163,19 +181,21 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path
         f"- base: `{config['base']}`; common: {options_text(config.get('common') or {})}",
         f"- every variant: same seed, data and {rows[0]['steps']} training steps, each in its own process",
         "",
-        f"| variant | options | params | val bits/byte | train tokens/s | {memory} | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| variant | options | params | val bits/byte | train tokens/s | x {rows[0]['variant']} | {memory} | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {options_text(r['options'])} | {r['params']:,} | {r['val_bpb']:.3f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['peak_mib']:.1f} | {r['wall_s']:.1f} |"
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} | {r['peak_mib']:.1f} | "
+            f"{r['wall_s']:.1f} |"
         )
     lines += [
         "",
         "val bits/byte: one validation pass over the final weights (`trainer.limit_val_batches` batches). "
         "train tokens/s: tokens of the timed training steps over their time (forward, backward, optimizer; "
-        "data loading, validation and the first step excluded). "
+        f"data loading, validation and the first step excluded); x {rows[0]['variant']}: its ratio to the first "
+        "variant's. "
         + (
             "peak CUDA MiB allocated: torch.cuda.max_memory_allocated over training. "
             if cuda
@@ -221,6 +241,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     text = report(rows, config, args.config, command, started)
     device = "cuda" if rows[0]["device"].startswith("cuda") else "cpu"
     out = args.out or Path(config.get("out") or ROOT / "bench" / "results" / f"compare-{args.config.stem}-{device}.md")
+    curves = {r["variant"]: r["curve"] for r in rows}
+    title = f"{args.config.name}: {rows[0]['steps']} steps, same data and seed, {device_name(torch.device(rows[0]['device']))}"
+    text += "\n" + plots.training_curves(curves, out.with_suffix(".png"), title) + "\n"
     write_atomic(out, text)
     print(f"\n{text}\nwritten to {out}")
     return rows

@@ -10,7 +10,7 @@ import pytest
 import torch
 from oracle import random_layout, single_block_rows
 
-from sparse_transformer.model.kernels.flex import flex_attention, flex_block_mask, flex_tile
+from sparse_transformer.model.kernels.flex import _build_block_mask, flex_attention, flex_block_mask, flex_tile
 from sparse_transformer.model.kernels.reference import reference_attention
 from sparse_transformer.model.patterns import AttentionPattern, element_mask
 
@@ -51,14 +51,16 @@ def _dense_tiles(num_blocks: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     return tiles.scatter(-1, torch.where(listed, indices, C), True)[..., :C]
 
 
+@pytest.mark.parametrize("device_tiles", ["cpu", "cuda"])
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_block_mask_as_the_kernel_reads_it(name: str) -> None:
+def test_block_mask_as_the_kernel_reads_it(name: str, device_tiles: str) -> None:
     """Full tiles are computed unmasked, so they must lie wholly in the layout and below the diagonal;
-    with the partial tiles read through mask_mod the result must be exactly the layout made causal."""
+    with the partial tiles read through mask_mod the result must be exactly the layout made causal.
+    The CPU's tiles are the layout's blocks; CUDA's may be coarser (``flex_tile``), built here on the CPU."""
     layout, bs = LAYOUTS[name]()
     H, N = layout.shape[0], layout.shape[1] * bs
-    bm = flex_block_mask(layout, bs, torch.device("cpu"))
-    tile = flex_tile(bs, N)
+    tile = flex_tile(bs, N) if device_tiles == "cuda" else bs
+    bm = flex_block_mask(layout, bs, torch.device("cpu")) if device_tiles == "cpu" else _build_block_mask(layout, bs, tile)
     assert bm.BLOCK_SIZE == (tile, tile) and bm.shape[-2:] == (N, N)
 
     def spread(tiles: torch.Tensor) -> torch.Tensor:  # (H, C, C) -> (H, N, N)

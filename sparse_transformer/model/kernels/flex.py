@@ -67,14 +67,16 @@ def flex_tile(block_size: int, seq_len: int) -> int:
 
 @per_layout
 def flex_block_mask(layout: torch.Tensor, block_size: int, device: torch.device) -> BlockMask:
-    """The BlockMask of a bool ``[H, R, R]`` layout on ``device``, built once per layout."""
-    return _build_block_mask(layout.to(device), block_size)
+    """The BlockMask of a bool ``[H, R, R]`` layout on ``device``, built once per layout. On the CPU its tiles are
+    the layout's blocks (the CPU kernel takes any); on CUDA, ``flex_tile``."""
+    N = layout.shape[1] * block_size
+    tile = flex_tile(block_size, N) if torch.device(device).type == "cuda" else block_size
+    return _build_block_mask(layout.to(device), block_size, tile)
 
 
-def _build_block_mask(layout: torch.Tensor, block_size: int) -> BlockMask:
+def _build_block_mask(layout: torch.Tensor, block_size: int, tile: int) -> BlockMask:
     H, R, _ = layout.shape
     N = R * block_size
-    tile = flex_tile(block_size, N)
     per = tile // block_size  # layout blocks per tile side
     C = N // tile  # tiles per side
 
