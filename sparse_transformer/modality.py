@@ -20,6 +20,7 @@ import math
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
     from sparse_transformer.model import SparseTransformer
+    from sparse_transformer.sampling import Sampling
 
 START = 0  # the token before the first byte of an image or audio window
 MU_LAW_CHANNELS = 256  # 8-bit mu-law, mu = 255
@@ -71,18 +73,28 @@ class Modality:
         """Axes of the factorized positional embedding when the config leaves them out: 1-D here."""
         return (seq_len,)
 
-    def first_tokens(self, prompt: bytes | None) -> list[int]:
+    def first_tokens(self, prompt: bytes | None = None, prompt_file: Path | None = None) -> list[int]:
         """What every sample starts from: the start token (a text prompt is for text models only)."""
         if prompt is not None:
             raise InputError(f"--prompt is for text models; this checkpoint models {self.noun}")
+        if prompt_file is not None:
+            raise InputError(f"--prompt-file is for text and audio models; this checkpoint models {self.noun}")
         return list(self.start)
 
     def sample_length(self, length: int | None, seq_len: int, prompt_len: int) -> int:
-        """Tokens to generate for a request of ``length`` (None: one context)."""
-        length = seq_len if length is None else length
-        if not 1 <= length <= seq_len:
-            raise InputError(f"--length={length}: {self.noun} samples have 1 to {seq_len} tokens (the model's context)")
+        """Tokens to generate for a request of ``length``, any number (None: ``default_length``)."""
+        length = self.default_length(seq_len) if length is None else length
+        if length < 1:
+            raise InputError(f"--length={length} must be >= 1")
         return length
+
+    def default_length(self, seq_len: int) -> int:
+        """A sample's length when none is asked for: one context."""
+        return seq_len
+
+    def tokens_per_second(self) -> int:
+        """For ``--seconds``: audio only."""
+        raise InputError(f"--seconds is for audio models; this checkpoint models {self.noun} (give --length)")
 
     def strip(self, tokens: torch.Tensor) -> torch.Tensor:
         """Generated ``[S, T]`` -> the data it stands for: the start token removed."""
@@ -97,13 +109,7 @@ class Modality:
         raise NotImplementedError
 
     def complete(
-        self,
-        model: SparseTransformer,
-        originals: Callable[[int], torch.Tensor],
-        n: int,
-        temperature: float,
-        top_k: int | None,
-        generator: torch.Generator | None,
+        self, model: SparseTransformer, originals: Callable[[int], torch.Tensor], n: int, sampling: Sampling
     ) -> tuple[torch.Tensor, bytes]:
         """Complete ``n`` examples read by ``originals(n)`` (``[n, 1 + N]``); returns them and a picture."""
         raise InputError(f"--complete needs an image checkpoint; this one models {self.noun}")
@@ -119,18 +125,27 @@ class Text(Modality):
     start: ClassVar[tuple[int, ...]] = ()
     default_out: ClassVar[str | None] = None
 
-    def first_tokens(self, prompt: bytes | None) -> list[int]:
-        """The prompt's bytes (default: a newline), kept at the start of the sample."""
+    def first_tokens(self, prompt: bytes | None = None, prompt_file: Path | None = None) -> list[int]:
+        """The prompt's bytes (default: a newline), kept at the start of the sample; from a UTF-8 file with
+        ``prompt_file``."""
+        if prompt is not None and prompt_file is not None:
+            raise InputError("give --prompt or --prompt-file, not both")
+        if prompt_file is not None:
+            prompt = read_prompt(prompt_file)
+            try:
+                prompt.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"--prompt-file {prompt_file} is not UTF-8 text (byte {e.start}); give a text file") from e
         prompt = b"\n" if prompt is None else prompt
         if not prompt:
-            raise InputError("--prompt is empty; give at least one character (the default is a newline)")
+            raise InputError("the prompt is empty; give at least one character (the default is a newline)")
         return list(prompt)
 
     def sample_length(self, length: int | None, seq_len: int, prompt_len: int) -> int:
-        """Default: fill the context after the prompt."""
-        if length is None and prompt_len > seq_len:
-            raise InputError(f"--prompt of {prompt_len} bytes is longer than the model's context of {seq_len}; shorten it")
-        return seq_len + 1 - prompt_len if length is None else length
+        """Default: fill the context after the prompt, or one context more after a prompt that fills it."""
+        if length is None:
+            return seq_len + 1 - prompt_len if prompt_len <= seq_len else seq_len
+        return super().sample_length(length, seq_len, prompt_len)
 
     def files(self, tokens: torch.Tensor) -> dict[str, bytes]:
         return {f"sample_{i}.txt": bytes(row.tolist()) for i, row in enumerate(tokens)}
@@ -184,13 +199,7 @@ class Image(Modality):
         writer.add_image("samples", image_grid(self.to_images(tokens)), step)
 
     def complete(
-        self,
-        model: SparseTransformer,
-        originals: Callable[[int], torch.Tensor],
-        n: int,
-        temperature: float,
-        top_k: int | None,
-        generator: torch.Generator | None,
+        self, model: SparseTransformer, originals: Callable[[int], torch.Tensor], n: int, sampling: Sampling
     ) -> tuple[torch.Tensor, bytes]:
         """Prime with the top half of each of ``n`` images and generate the rest; returns the completed images
         ``[n, N]`` and a PNG grid whose rows are corrupted / completed / original."""
@@ -201,7 +210,7 @@ class Image(Modality):
         originals = originals(n).to(model.head.weight.device)  # (n, 1 + N)
         rows, cols, channels = self.shape
         primed = len(self.start) + (rows // 2) * cols * channels  # start token + the top rows
-        completed = generate(model, originals[:, :primed], originals.shape[1] - primed, temperature, top_k, generator)
+        completed = generate(model, originals[:, :primed], originals.shape[1] - primed, sampling)
         corrupted = originals.clone()
         corrupted[:, primed:] = 128  # the part the model did not see, in mid grey
         triples = self.strip(torch.stack([corrupted, completed, originals], dim=1).flatten(0, 1))  # (3n, N)
@@ -222,6 +231,24 @@ class Audio(Modality):
     def positions(self, seq_len: int, stride: int | None) -> tuple[int, ...]:
         """(row, column) of a matrix as wide as the stride, as the paper embeds audio (section 5.1)."""
         return (seq_len // stride, stride) if stride and seq_len % stride == 0 else (seq_len,)
+
+    def first_tokens(self, prompt: bytes | None = None, prompt_file: Path | None = None) -> list[int]:
+        """The start token, then the recording in ``prompt_file`` to continue (any file the audio DataModule
+        reads, mixed to mono and resampled to the model's rate)."""
+        tokens = super().first_tokens(prompt)
+        if prompt_file is None:
+            return tokens
+        from sparse_transformer.data.audio import load_mu_law
+
+        check_prompt_file(prompt_file)
+        return tokens + load_mu_law(Path(prompt_file), self.sample_rate).tolist()
+
+    def default_length(self, seq_len: int) -> int:
+        """One context, and at least one second: shorter is too short to hear."""
+        return max(seq_len, self.sample_rate)
+
+    def tokens_per_second(self) -> int:
+        return self.sample_rate
 
     @staticmethod
     def to_tokens(waveform: torch.Tensor) -> torch.Tensor:
@@ -250,6 +277,24 @@ class Audio(Modality):
     def log(self, writer: SummaryWriter, tokens: torch.Tensor, step: int) -> None:
         for i, row in enumerate(tokens):
             writer.add_audio(f"samples/{i}", self.to_waveform(row)[None], step, sample_rate=self.sample_rate)
+
+
+def check_prompt_file(path: Path) -> None:
+    """A missing prompt file or a folder: one line naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--prompt-file {path} is a folder; give a file")
+    if not path.is_file():
+        raise InputError(f"--prompt-file {path} not found")
+
+
+def read_prompt(path: Path) -> bytes:
+    """A prompt file's bytes, or one line saying why there are none."""
+    check_prompt_file(path)
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"--prompt-file {path} cannot be read ({e.strerror})") from e
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:

@@ -206,14 +206,20 @@ def test_sampling_requests_that_cannot_be_met(capsys, checkpoint, tmp_path, monk
     assert sampling_fails(capsys, *ckpt, "--out", str(tmp_path / "taken")) == (
         f"error: --out {tmp_path / 'taken'} is a file; give a folder for the samples"
     )
-    assert sampling_fails(capsys, *ckpt, "--prompt", "x" * 500) == (
-        "error: --prompt of 500 bytes is longer than the model's context of 64; shorten it"
+    assert sampling_fails(capsys, *ckpt, "--prompt-file", str(tmp_path / "none.txt")) == (
+        f"error: --prompt-file {tmp_path / 'none.txt'} not found"
     )
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert sampling_fails(capsys, *ckpt, "--prompt-file", str(tmp_path / "latin1.txt")) == (
+        f"error: --prompt-file {tmp_path / 'latin1.txt'} is not UTF-8 text (byte 3); give a text file"
+    )
+    assert sampling_fails(capsys, *ckpt, "--seconds", "2") == "error: --seconds is for audio models; this checkpoint models text (give --length)"
+    assert sampling_fails(capsys, *ckpt, "--complete", "2") == "error: --complete needs an image checkpoint; this one models text"
     if not torch.cuda.is_available():
         assert sampling_fails(capsys, *ckpt, "--device", "cuda") == "error: --device cuda: no CUDA device here; use --device cpu"
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         assert sampling_fails(capsys, *ckpt, "--backend", "triton") == (
-            "error: --backend triton needs a CUDA device (--device is cpu); use blocks or reference on a CPU"
+            "error: --backend triton needs a CUDA device (--device is cpu); use pieces, blocks or reference on a CPU"
         )
 
 

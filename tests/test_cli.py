@@ -53,6 +53,23 @@ def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
     assert a[0].read_bytes().decode("utf-8", "replace") not in other.stdout
 
 
+def test_sample_continues_a_prompt_file_past_the_context(checkpoint, tmp_path):
+    """150 tokens from a 64-token model: the window slides; the cache and recomputing give the same text."""
+    (tmp_path / "prompt.txt").write_text("Once upon a time, ")
+    args = ["sample.py", "--ckpt", str(checkpoint), "--prompt-file", str(tmp_path / "prompt.txt"), "--length", "150"]
+    for out, extra in (("cached", []), ("recomputed", ["--no-kv-cache"])):
+        result = run(*args, *extra, "--out", str(tmp_path / out))
+        assert result.returncode == 0, result.stderr[-3000:]
+    cached = (tmp_path / "cached" / "sample_0.txt").read_bytes()
+    assert cached.startswith(b"Once upon a time, ") and len(cached) == 18 + 150
+    assert cached == (tmp_path / "recomputed" / "sample_0.txt").read_bytes()
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    line = one_error_line(run(*args[:4], str(tmp_path / "latin1.txt")))
+    assert line == f"error: --prompt-file {tmp_path / 'latin1.txt'} is not UTF-8 text (byte 3); give a text file"
+    both = one_error_line(run(*args, "--prompt", "x"))
+    assert both == "error: give --prompt or --prompt-file, not both"
+
+
 def test_main_builds_objects_without_training():
     cli = train.main(["--config", str(ROOT / "configs/tiny.yaml"), "--model.network.n_layers", "3"], run=False)
     assert len(cli.model.model.blocks) == 3

@@ -86,8 +86,8 @@ def test_completion_keeps_the_top_half(image_ckpt, images, tmp_path):
 
 def test_audio_trains_and_samples_a_wav(audio_ckpt, tmp_path):
     assert torch.load(audio_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["modality"]["kind"] == "audio"
-    for logged in audio_ckpt.parents[1].glob("samples/step=*/sample_0.wav"):  # SampleLogger, 64 steps
-        assert soundfile.info(logged).frames == 64
+    (logged,) = audio_ckpt.parents[1].glob("samples/step=*/sample_0.wav")  # SampleLogger: one second by default
+    assert soundfile.info(logged).frames == 8000
     result = run("sample.py", "--ckpt", str(audio_ckpt), "--num-samples", "2", "--length", "100", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     for i in range(2):
@@ -95,6 +95,54 @@ def test_audio_trains_and_samples_a_wav(audio_ckpt, tmp_path):
         assert (info.samplerate, info.frames, info.channels) == (8000, 100, 1)
     wrong = one_error_line(run("sample.py", "--ckpt", str(audio_ckpt), "--complete", "1"))
     assert wrong == "error: --complete needs an image checkpoint; this one models audio"
+
+
+def test_audio_continues_a_recording_past_the_context(audio_ckpt, tmp_path):
+    """A 16 kHz stereo prompt is resampled to the model's 8 kHz, kept, and continued for 0.1 s: 800 samples,
+    three contexts of 256 and more, so the window slides; the cache and recomputing agree."""
+    t = np.arange(3200) / 16000
+    tone = 0.4 * np.sin(2 * np.pi * 440 * t)
+    soundfile.write(tmp_path / "prompt.wav", np.stack([tone, tone], axis=1), 16000)
+    args = ["sample.py", "--ckpt", str(audio_ckpt), "--prompt-file", str(tmp_path / "prompt.wav"), "--seconds", "0.1"]
+    for out, extra in (("cached", []), ("recomputed", ["--no-kv-cache"])):
+        result = run(*args, *extra, "--out", str(tmp_path / out))
+        assert result.returncode == 0, result.stderr[-3000:]
+    wave, rate = soundfile.read(tmp_path / "cached" / "sample_0.wav", dtype="float32")
+    assert rate == 8000 and len(wave) == 1600 + 800
+    from sparse_transformer.data.audio import load_mu_law
+    from sparse_transformer.modality import Audio
+
+    prompt = Audio.to_waveform(torch.from_numpy(load_mu_law(tmp_path / "prompt.wav", 8000))).numpy()
+    assert np.abs(wave[:1600] - prompt).max() < 1e-4  # the recording, as 8-bit mu-law, then the continuation
+    cached, recomputed = ((tmp_path / d / "sample_0.wav").read_bytes() for d in ("cached", "recomputed"))
+    assert cached == recomputed
+    missing = one_error_line(run(*args[:4], str(tmp_path / "none.wav")))
+    assert missing == f"error: --prompt-file {tmp_path / 'none.wav'} not found"
+    both = one_error_line(run(*args, "--length", "10"))
+    assert both == "error: give --length or --seconds, not both"
+
+
+def test_completion_of_a_folder_or_one_file(image_ckpt, images, tmp_path):
+    files = sorted(images.iterdir())
+    result = run("sample.py", "--ckpt", str(image_ckpt), "--complete", "3", "--complete-from", str(images), "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    grid = np.asarray(Image.open(tmp_path / "a" / "completions.png").convert("RGB"))
+    originals = [grid[1 + 9 * row : 9 + 9 * row, 1 + 18 : 9 + 18] for row in range(3)]
+    for original, file in zip(originals, [files[0], files[6], files[11]]):  # spread over the folder, ends included
+        assert (original == np.asarray(Image.open(file))).all()
+    one = run("sample.py", "--ckpt", str(image_ckpt), "--complete", "2", "--complete-from", str(files[5]), "--out", str(tmp_path / "b"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    grid = np.asarray(Image.open(tmp_path / "b" / "completions.png").convert("RGB"))
+    for row in range(2):
+        assert (grid[1 + 9 * row : 9 + 9 * row, 1 + 18 : 9 + 18] == np.asarray(Image.open(files[5]))).all()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_error_line(run("sample.py", "--ckpt", str(image_ckpt), "--complete", "2", "--complete-from", str(empty)))
+    assert line.startswith(f"error: image folder {empty} has no images")
+    odd = tmp_path / "odd.png"
+    Image.fromarray(np.zeros((8, 6, 3), dtype=np.uint8)).save(odd)
+    line = one_error_line(run("sample.py", "--ckpt", str(image_ckpt), "--complete", "1", "--complete-from", str(odd)))
+    assert line.startswith(f"error: image {odd} is 8x6 (rows x cols), expected 8x8")
 
 
 def test_bad_image_data_fails_with_one_line(images, tmp_path):

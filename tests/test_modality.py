@@ -74,10 +74,12 @@ def test_how_samples_start_and_how_long_they_are():
     assert text.first_tokens(None) == [10] and text.first_tokens(b"Hi") == [72, 105]
     assert image.first_tokens(None) == audio.first_tokens(None) == [0]
     assert text.sample_length(None, 64, prompt_len=4) == 61  # fills the context after the prompt
+    assert text.sample_length(None, 64, prompt_len=500) == 64 and text.sample_length(1000, 64, 4) == 1000  # any length
     assert image.sample_length(None, 48, 1) == 48 and audio.sample_length(20, 64, 1) == 20
+    assert audio.sample_length(None, 256, 1) == 8000  # one second at 8 kHz, more than one context
     with pytest.raises(InputError, match="--prompt is for text models; this checkpoint models images"):
         image.first_tokens(b"x")
     with pytest.raises(InputError, match="--length=5: an image sample has 48 tokens, one whole image"):
         image.sample_length(5, 48, 1)
     with pytest.raises(InputError, match="--complete needs an image checkpoint; this one models audio"):
-        audio.complete(None, lambda n: None, 1, 1.0, None, None)
+        audio.complete(None, lambda n: None, 1, None)

@@ -77,6 +77,21 @@ def eight_bit(image: PIL.Image.Image, grey: bool) -> np.ndarray:
     return np.asarray(image.convert("L" if grey else "RGB"))
 
 
+def check_image(path: Path, shape: tuple[int, int, int]) -> None:
+    """Refuse an image file whose header does not open or whose size is not ``shape``'s, in one line."""
+    rows, cols, _ = shape
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"cannot read image {path}: {e}") from e
+    if (height, width) != (rows, cols):
+        raise InputError(
+            f"image {path} is {height}x{width} (rows x cols), expected {rows}x{cols}: set "
+            f"data.init_args.image_size or resize the images"
+        )
+
+
 def find_images(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     """Every image file under ``folder`` (sorted), after checking each header opens with the expected size.
 
@@ -91,18 +106,8 @@ def find_images(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    rows, cols, _ = shape
     for path in files:
-        try:
-            with PIL.Image.open(path) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"cannot read image {path}: {e}") from e
-        if (height, width) != (rows, cols):
-            raise InputError(
-                f"image {path} is {height}x{width} (rows x cols), expected {rows}x{cols}: set "
-                f"data.init_args.image_size or resize the images"
-            )
+        check_image(path, shape)
     return files
 
 

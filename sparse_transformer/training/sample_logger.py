@@ -9,16 +9,16 @@ Every config has one (``samples:`` in a config sets its options)::
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from sparse_transformer.errors import InputError
 from sparse_transformer.files import write_atomic
-from sparse_transformer.sampling import sample
+from sparse_transformer.sampling import Sampling, sample
 
 
 class SampleLogger(L.Callback):
@@ -31,8 +31,8 @@ class SampleLogger(L.Callback):
     Args:
         every_n_val: validation runs between samples (the sanity check does not count); 0 turns it off.
         num_samples: samples per validation.
-        length: tokens per text or audio sample, at most the context (default: one context); an image
-            sample is one whole image.
+        length: tokens per text or audio sample, any number (default: one context, and for audio at least one
+            second); an image sample is one whole image.
         temperature, top_k: as in ``sample.py``.
         seed: the sampling generator's seed.
     """
@@ -49,6 +49,7 @@ class SampleLogger(L.Callback):
         super().__init__()
         if every_n_val < 0 or num_samples < 1:
             raise InputError(f"samples every_n_val={every_n_val} must be >= 0 and num_samples={num_samples} >= 1")
+        Sampling(temperature, top_k, seed)  # a bad temperature or top-k: refused now, not at the first validation
         self.every_n_val, self.num_samples, self.length = every_n_val, num_samples, length
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.validations = 0
@@ -57,9 +58,8 @@ class SampleLogger(L.Callback):
         self.sample_length(pl_module)  # a length the model cannot take stops the run now, not at a validation
 
     def sample_length(self, pl_module: L.LightningModule) -> int:
-        modality, seq_len = pl_module.modality, pl_module.model.seq_len
-        requested = None if self.length is None else min(self.length, seq_len)
-        return modality.sample_length(requested, seq_len, len(modality.first_tokens(None)))
+        modality = pl_module.modality
+        return modality.sample_length(self.length, pl_module.model.seq_len, len(modality.first_tokens()))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.every_n_val:
@@ -70,15 +70,19 @@ class SampleLogger(L.Callback):
 
     @rank_zero_only
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        modality, step = pl_module.modality, trainer.global_step
+        modality, step, length = pl_module.modality, trainer.global_step, self.sample_length(pl_module)
         was_training = pl_module.training
-        generator = torch.Generator().manual_seed(self.seed)
-        tokens = sample(pl_module.model, modality, self.num_samples, self.sample_length(pl_module), self.temperature, self.top_k, generator)
+        started = time.perf_counter()
+        tokens = sample(pl_module.model, modality, self.num_samples, length, Sampling(self.temperature, self.top_k, self.seed))
+        seconds = time.perf_counter() - started
         pl_module.train(was_training)
         tokens = tokens.cpu()
         folder = Path(trainer.default_root_dir) / "samples" / f"step={step}"
         for name, data in modality.files(tokens).items():
             write_atomic(folder / name, data)
         for logger in trainer.loggers:
+            logger.log_metrics({"samples/seconds": seconds}, step)
             if isinstance(logger, TensorBoardLogger):
                 modality.log(logger.experiment, tokens, step)
+        rate = self.num_samples * length / seconds
+        rank_zero_info(f"samples at step {step}: {self.num_samples} x {length} tokens in {seconds:.1f} s ({rate:,.0f} tokens/s), {folder}")
