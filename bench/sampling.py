@@ -1,4 +1,5 @@
-"""Benchmark sampling: tokens/s with the key/value cache against re-running the whole prefix every step.
+"""Benchmark sampling: the key/value cache against re-running the whole prefix every step, and the cost of
+generating past the context.
 
     python bench/sampling.py                                  # CPU or CUDA, N = 1024 2048 4096
     python bench/sampling.py --seq-lens 512 --new-tokens 16   # quick
@@ -8,7 +9,12 @@ Each row primes with ``N - new_tokens`` tokens and generates ``new_tokens``, so 
 of the context where sampling is slowest. The cache's prefill (one forward pass over the prompt, paid once per
 sample) is timed on its own and not counted in its tokens/s; "cached blocks" is how many key blocks per layer
 the cache holds at the end, out of N / block_size.
-The table is printed and written as Markdown, with the command, to bench/results/sampling-<device>.md.
+
+The second table generates ``--past`` times the context (default 2x and 4x, from a one-token prompt) with the
+window sliding by ``--slides`` tokens (default a quarter of the context, the sampler's default), and counts
+the prefills: one to fill the context, then one per slide. "prefill share" is the part of the wall time they
+took.
+The tables are printed and written as Markdown, with the command, to bench/results/sampling-<device>.md.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
-from sparse_transformer.sampling import generate  # noqa: E402
+from sparse_transformer.sampling import Sampling, generate  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--past-seq-len", type=int, default=1024, help="context of the generation past it")
+    p.add_argument("--past", type=int, nargs="+", default=[2, 4], help="lengths generated, in contexts")
+    p.add_argument("--slides", type=int, nargs="+", default=[None], help="window steps in tokens (default: N/4)")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/sampling-<device>.md")
     return p.parse_args()
 
@@ -63,6 +72,50 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
+def random_model(args: argparse.Namespace, n: int, pattern: AttentionPattern) -> SparseTransformer:
+    torch.manual_seed(0)
+    config = ModelConfig(seq_len=n, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern)
+    return SparseTransformer(config).to(args.device).eval()
+
+
+class Prefills:
+    """Counts and times the model's full forward passes (prefills; decoding a token does not call forward)."""
+
+    def __init__(self, model: SparseTransformer, device: str):
+        self.count, self.seconds, self.device = 0, 0.0, device
+        model.register_forward_pre_hook(self.before)
+        model.register_forward_hook(self.after)
+
+    def before(self, *_) -> None:
+        self.count += 1
+        self.started = time.perf_counter()
+
+    def after(self, *_) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self.started
+
+
+def past_the_context(args: argparse.Namespace, patterns: dict[str, AttentionPattern]) -> list[tuple]:
+    """Generate ``--past`` contexts' worth of tokens from one token, the window sliding: prefills and speed."""
+    rows, n = [], args.past_seq_len
+    for name, pattern in patterns.items():
+        for slide in args.slides:
+            for contexts in args.past:
+                model = random_model(args, n, pattern)
+                prefills = Prefills(model, args.device)
+                prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=args.device)
+                length = contexts * n
+                sampling = Sampling(temperature=0, slide=slide)
+                seconds = timed(partial(generate, model, prompt, length, sampling), args.device)
+                step = slide or n // 4
+                rows.append((n, name, length, step, prefills.count, prefills.count / length,
+                             args.batch * length / seconds, prefills.seconds / seconds))  # fmt: skip
+                print(f"N={n} {name} {length} tokens, slide {step}: {prefills.count} prefills, "
+                      f"{args.batch * length / seconds:.1f} tok/s", flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     patterns = {
@@ -73,23 +126,20 @@ def main() -> None:
     rows = []
     for n in args.seq_lens:
         for name, pattern in patterns.items():
-            torch.manual_seed(0)
-            config = ModelConfig(seq_len=n, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, pattern=pattern)
-            model = SparseTransformer(config)
-            model = model.to(args.device).eval()
+            model = random_model(args, n, pattern)
             prompt = torch.randint(0, 256, (args.batch, n - args.new_tokens), device=args.device)
             caches = model.new_caches()
             prefill = timed(partial(model, prompt, caches), args.device)
             cached = timed(partial(decode, model, prompt[:, -1:], range(n - args.new_tokens, n), caches), args.device)
-            recompute = timed(partial(generate, model, prompt, args.new_tokens, 0.0, kv_cache=False), args.device)
+            recompute = timed(partial(generate, model, prompt, args.new_tokens, Sampling(0, kv_cache=False)), args.device)
             tok = args.batch * args.new_tokens
             blocks = f"{caches[0].stored_blocks()} / {n // args.block_size}"
             rows.append((n, name, prefill * 1e3, tok / cached, tok / recompute, recompute / cached, blocks))
             print(f"N={n} {name}: cached {tok / cached:.1f} tok/s, recompute {tok / recompute:.1f} tok/s", flush=True)
-    write(args, rows)
+    write(args, rows, past_the_context(args, patterns))
 
 
-def write(args: argparse.Namespace, rows: list[tuple]) -> None:
+def write(args: argparse.Namespace, rows: list[tuple], past: list[tuple]) -> None:
     cpu = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     lines = [
@@ -106,6 +156,15 @@ def write(args: argparse.Namespace, rows: list[tuple]) -> None:
     ]
     for n, name, prefill, cached, recompute, ratio, blocks in rows:
         lines.append(f"| {n} | {name} | {prefill:.0f} | {cached:.1f} | {recompute:.1f} | {ratio:.1f}x | {blocks} |")
+    lines += [
+        "",
+        f"## Past the context: N={args.past_seq_len}, from a one-token prompt, greedy, key/value cache",
+        "",
+        "| N | pattern | tokens generated | slide | prefills | prefills / token | tok/s | prefill share |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, name, length, slide, count, per_token, rate, share in past:
+        lines.append(f"| {n} | {name} | {length} | {slide} | {count} | {per_token:.4f} | {rate:.1f} | {share:.0%} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or Path(__file__).parent / "results" / f"sampling-{args.device.split(':')[0]}.md"

@@ -1,0 +1,40 @@
+"""The benchmark scripts run and say what they measured: tiny shapes, numbers checked only where they are counts."""
+
+import math
+
+import pytest
+
+from commands import run
+
+pytestmark = pytest.mark.slow
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """The cells of the Markdown table under the line that starts with ``header``."""
+    lines = text[text.index(header) :].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+
+
+def test_sampling_bench_counts_one_prefill_per_slide(tmp_path):
+    out = tmp_path / "sampling.md"
+    args = ["--seq-lens", "128", "--new-tokens", "2", "--past-seq-len", "128", "--past", "2", "3", "--slides", "32", "64"]
+    result = run("bench/sampling.py", "--d-model", "32", "--layers", "1", "--heads", "2", *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert f"`python bench/sampling.py --d-model 32 --layers 1 --heads 2 {' '.join(args)} --out {out}`" in text
+    past = table_rows(text, "| N | pattern | tokens generated")
+    assert len(past) == 3 * 2 * 2  # patterns x slides x lengths
+    for n, _, length, slide, prefills, *_ in past:
+        n, length, slide = int(n), int(length), int(slide)
+        assert int(prefills) == 1 + math.ceil((length - n) / slide)  # the first window, then one per slide
+
+
+def test_attention_bench_writes_a_table_and_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "attention.md"
+    args = ["--device", "cpu", "--seq-lens", "128", "256", "--heads", "2", "--head-dim", "16", "--block-size", "16"]
+    result = run("bench/attention.py", *args, "--stride", "32", "--backends", "sdpa", "pieces", "--reps", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "| pieces | strided | 256 |" in text and "| sdpa | causal | 256 |" in text
+    assert out.with_suffix(".png").stat().st_size > 10_000
