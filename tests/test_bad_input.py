@@ -89,6 +89,12 @@ AUDIO = ["--data", "sparse_transformer.data.AudioFolderDataModule", "--data.root
         ([*IMAGES, "--data.channels", "2"], "data channels=2 must be 1 (grey) or 3 (RGB)"),
         ([*IMAGES, "--data.val_fraction", "1.5"], "data val_fraction=1.5 must be between 0 and 1"),
         ([*AUDIO, "--data.sample_rate", "0"], "data sample_rate=0 must be >= 1"),
+        (
+            ["--trainer.val_check_interval", "100"],
+            "trainer: `val_check_interval` (100) must be less than or equal to the number of the training batches (8). "
+            "If you want to disable validation set `limit_val_batches` to 0.0 instead. If you want to validate based on "
+            "the total training batches, set `check_val_every_n_epoch=None`.",
+        ),
         (["--trainer.precision", "16-mixed"], "trainer.precision='16-mixed' needs a CUDA GPU (fp16 autocast); on a CPU use 32-true or bf16-mixed"),
     ],
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -104,8 +105,11 @@ class SparseTransformerCLI(LightningCLI):
                 run=run,
             )
         except Exception as e:
-            self._tell_the_other_ranks(e)
-            raise
+            error = InputError(f"trainer: {' '.join(str(e).split())}") if lightning_refusal(e) else e
+            self._tell_the_other_ranks(error)
+            if error is e:
+                raise
+            raise error from e
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.network.seq_len", apply_on="instantiate")
@@ -183,6 +187,14 @@ class SparseTransformerCLI(LightningCLI):
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
             return
         raise InputError(watch.report(message)) from error
+
+
+def lightning_refusal(error: Exception) -> bool:
+    """Whether ``error`` is a ValueError raised by Lightning's trainer or loops, which check the trainer's settings
+    against the data only once fit starts (``val_check_interval`` longer than an epoch, for one): bad input."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = frames[-1].filename.replace("\\", "/") if frames else ""
+    return isinstance(error, ValueError) and any(f"lightning/pytorch/{part}/" in where for part in ("trainer", "loops"))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
