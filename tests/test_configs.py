@@ -18,6 +18,7 @@ from sparse_transformer.training.sample_logger import SampleLogger
 from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SHARED = (
     DivergenceGuard, StopOnSignal, RunCheckpoint, LearningRateMonitor, TokenThroughputMonitor, RunProgressBar, SampleLogger,
@@ -94,3 +95,17 @@ def test_changing_the_data_moves_what_follows_from_it():
     audio = ["--config", str(CONFIGS[0].parent / "audio-tiny.yaml"), "--trainer.accelerator", "cpu"]
     network = train.main([*audio, "--data.init_args.seq_len", "512"], run=False).model.model.config
     assert network.positions == (32, 16)  # a matrix as wide as the stride
+
+
+@pytest.mark.parametrize(
+    "base,overlay,seq_len,stride,positions",
+    [("cifar10-tiny", "photos", 768, 48, (16, 16, 3)), ("audio-tiny", "speech", 1024, 32, (32, 32))],
+)
+def test_the_docs_overlays_change_only_what_they_name(base, overlay, seq_len, stride, positions):
+    """docs/make_figures.py trains a tiny config with an overlay of a few lines; what follows from the data follows."""
+    configs = ["--config", str(ROOT / "configs" / f"{base}.yaml"), "--config", str(ROOT / "configs" / "docs" / f"{overlay}.yaml")]
+    cli = train.main([*configs, "--trainer.logger", "false"], run=False)
+    network = cli.model.model.config
+    assert (network.seq_len, network.pattern.stride, tuple(network.positions)) == (seq_len, stride, positions)
+    assert Path(cli.trainer.default_root_dir) == Path("runs") / f"docs-{overlay}"
+    assert len(yaml.safe_load((ROOT / "configs" / "docs" / f"{overlay}.yaml").read_text())["model"]["network"]) <= 5
