@@ -5,18 +5,14 @@ queries its backward falls to about half speed, and with a general mask through 
 So the layout is split into pieces that give it many queries per key set:
 
 - Windows. A query block's key blocks that run side by side up to and including its own (the local window
-  of ``local`` and ``strided``) form a window that slides with the row.
+  of ``local`` and ``strided``, a block's own chunk in ``fixed``) form a window that slides with the row.
   ``SUPERROW`` consecutive rows share the union of their windows: one piece of that many queries, on strided
   views of q, k and v (no copy), with a small mask, the same for every superrow of the same shape, for the
   keys a row must not see (after its own position, or before its window). Superrows of the same shape in
-  arithmetic progression are one call. Where a causal sequence holds the diagonal, windows stop before it.
-- Causal sequences. Where a head's rows each read every ``s``-th block back from their own (``strided``'s column
-  rule), the rows of one residue class mod ``s`` attend causally within the class; where they read their
-  chunk of ``c`` blocks up to their own (``fixed``'s first rule), the rows of a chunk do. Each class or chunk
-  is one sequence, and all of them one causal call, diagonal blocks included, as fast per tile as dense
-  attention. What a row reads beyond that goes to windows (strided) and chains (fixed's summaries).
-- Chains. A block's other key blocks (``fixed``'s summaries, any set no rule above covers) are often shared:
-  rows of one chunk read the same summaries. Rows whose sets nest form a chain; ``CHAIN`` rows of a chain (and any more with the same set) read the
+  arithmetic progression are one call.
+- Chains. A block's other key blocks (``strided``'s columns, ``fixed``'s summaries) are often shared: rows of
+  one chunk read the same summaries, and a ``strided`` row reads its predecessor's columns and one more.
+  Rows whose sets nest form a chain; ``CHAIN`` rows of a chain (and any more with the same set) read the
   first one's set together (gathered once for all of them, no mask), and each reads the few blocks it has
   beyond that on its own.
 
@@ -56,7 +52,7 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 class Window:
     """Superrows of ``rows`` blocks starting at rows ``r0, r0 + step, ...`` (``count`` of them) in heads ``h0, h0 +
     hstep, ...`` (``heads`` of them), each reading key blocks ``r + offset .. r + offset + width - 1`` under
-    ``visible``, a ``[rows, width]`` block mask in which a row's own block, where visible, is causal."""
+    ``visible``, a ``[rows, width]`` block mask in which a row's own block is causal."""
 
     h0: int
     hstep: int
@@ -82,22 +78,10 @@ class Gather:
 
 
 @dataclass(frozen=True)
-class Causal:
-    """Heads ``heads`` whose rows are cut into sequences of blocks, each attending causally within itself: the
-    residue classes mod ``period`` (``classes``: row ``r`` reads ``r, r - period, ...`` down to the first), or
-    chunks of ``period`` consecutive rows (row ``r`` reads its chunk up to itself). One causal call."""
-
-    heads: tuple[int, ...]
-    period: int
-    classes: bool
-
-
-@dataclass(frozen=True)
 class Plan:
     dense: bool  # every causal tile: one causal call over the whole sequence
     windows: tuple[Window, ...]
     gathers: tuple[Gather, ...]
-    causal: tuple[Causal, ...] = ()
 
 
 def pieces_attention(
@@ -121,26 +105,18 @@ def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
         return Plan(dense=True, windows=(), gathers=())
     windows: dict[tuple, list[tuple[int, int]]] = {}  # superrow shape -> [(head, first row)]
     gathers: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = {}  # (rows, width) -> [(queries, keys)]
-    causal: dict[tuple[int, bool], list[int]] = {}  # (period, classes) -> heads
     for h in range(H):
-        cols = [layout[h, r, :r].nonzero().flatten().tolist() for r in range(R)]
-        step, chunk = _column_step(cols), None
-        if step is not None:
-            causal.setdefault((step, True), []).append(h)
-            cols = [[c for c in row if (r - c) % step] for r, row in enumerate(cols)]
-        elif (chunk := _chunk_size(cols)) is not None:
-            causal.setdefault((chunk, False), []).append(h)
-            cols = [[c for c in row if c < r - r % chunk] for r, row in enumerate(cols)]
         starts, rests = [], []
-        for r, row in enumerate(cols):
-            run = 0 if chunk is not None else _run(row, r)  # after a chunk, what is left goes to chains
+        for r in range(R):
+            cols = layout[h, r, :r].nonzero().flatten().tolist()
+            run = 0  # the key blocks right before the diagonal, side by side
+            while run < len(cols) and cols[-1 - run] == r - 1 - run:
+                run += 1
             starts.append(r - run)
-            rests.append(row[: len(row) - run])
-        own = step is None and chunk is None  # else the causal sequences hold the diagonal
-        last = (lambda r: r) if own else (lambda r: r - 1)
-        for rows in _superrows(starts, own):
-            lo, hi = min(starts[r] for r in rows), last(rows[-1])
-            visible = tuple(tuple(starts[r] <= c <= last(r) for c in range(lo, hi + 1)) for r in rows)
+            rests.append(cols[: len(cols) - run])
+        for rows in _superrows(starts):
+            lo = min(starts[r] for r in rows)
+            visible = tuple(tuple(starts[r] <= c <= r for c in range(lo, rows[-1] + 1)) for r in rows)
             windows.setdefault((len(rows), lo - rows[0], visible), []).append((h, rows[0]))
         for queries, keys in _chains(rests, h * R):
             gathers.setdefault((len(queries), len(keys)), []).append((queries, keys))
@@ -148,59 +124,28 @@ def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
         dense=False,
         windows=tuple(w for shape, firsts in windows.items() for w in _windows(shape, firsts)),
         gathers=tuple(g for shape, pieces in gathers.items() for g in _batches(shape, pieces, block_bytes)),
-        causal=tuple(Causal(tuple(heads), period, classes) for (period, classes), heads in causal.items()),
     )
 
 
-def _column_step(cols: list[list[int]]) -> int | None:
-    """The smallest ``s`` such that every row ``r`` reads blocks ``r - s, r - 2s, ...`` down to the first (the
-    diagonal is always read), if the last row's blocks allow one; None if none does."""
-    last = len(cols) - 1
-    sets = [set(row) for row in cols]
-    for s in sorted({last - c for c in cols[last]}):
-        if all(all(c in sets[r] for c in range(r - s, -1, -s)) for r in range(s, len(cols))):
-            return s
-    return None
-
-
-def _chunk_size(cols: list[list[int]]) -> int | None:
-    """The largest ``c >= 2`` such that every row reads its chunk of ``c`` blocks up to itself and the rows of a
-    chunk read the same blocks before it (``fixed``'s own chunk, then the same summaries); None if none does."""
-    runs = [_run(row, r) for r, row in enumerate(cols)]
-    for c in range(min(max(runs, default=0) + 1, len(cols)), 1, -1):
-        if all(runs[r] >= r % c for r in range(len(cols))):
-            before = [tuple(b for b in row if b < r - r % c) for r, row in enumerate(cols)]
-            if all(before[r] == before[r - r % c] for r in range(len(cols))):
-                return c
-    return None
-
-
-def _run(row: list[int], r: int) -> int:
-    """How many of row ``r``'s key blocks (sorted, before ``r``) lie side by side right before it."""
-    run = 0
-    while run < len(row) and row[-1 - run] == r - 1 - run:
-        run += 1
-    return run
-
-
-def _superrows(starts: list[int], own: bool = True) -> list[range]:
+def _superrows(starts: list[int]) -> list[range]:
     """Rows in groups of ``SUPERROW`` consecutive ones; a group with a short window goes row by row, since its
-    union would be mostly what its rows must not see. Without the ``own`` block, a row with no window has none."""
+    union would be mostly what its rows must not see."""
     out = []
     for r0 in range(0, len(starts), SUPERROW):
         rows = range(r0, min(r0 + SUPERROW, len(starts)))
         if all(r - starts[r] >= MIN_RUN for r in rows):
             out.append(rows)
         else:
-            out += [range(r, r + 1) for r in rows if own or starts[r] < r]
+            out += [range(r, r + 1) for r in rows]
     return out
 
 
 def _chains(rests: list[list[int]], base: int) -> list[tuple[list[int], list[int]]]:
     """Pieces ``(query blocks, key blocks)`` (flat: ``base + r``) reading the key sets ``rests[r]``.
 
-    Rows are chained where one's set contains the last one's, shortest first; ``CHAIN`` rows of a chain read
-    the first one's set in one piece, and each the rest of its own set in a piece of its own.
+    Rows are chained where one's set contains the last one's, shortest first; ``CHAIN`` rows of a chain, and any
+    more with the same set (the rows of a ``fixed`` chunk), read the first one's set in one piece, and each the
+    rest of its own set in a piece of its own.
     """
     order = sorted((r for r, rest in enumerate(rests) if rest), key=lambda r: len(rests[r]))
     chains: list[list[int]] = []
@@ -215,8 +160,7 @@ def _chains(rests: list[list[int]], base: int) -> list[tuple[list[int], list[int
     for chain in chains:
         a = 0
         while a < len(chain):
-            core = rests[chain[a]]
-            b = a + 1
+            core, b = rests[chain[a]], a + 1
             while b < len(chain) and (b - a < CHAIN or rests[chain[b]] == core):
                 b += 1
             rows, a = chain[a:b], b
@@ -274,16 +218,9 @@ class _Pieces(torch.autograd.Function):
         qb, kb, vb = (t.reshape(B, H * R, bs, D).contiguous() for t in (q, k, v))  # (B, H*R, bs, D)
         out = torch.zeros(B, H * R, bs, D, dtype=torch.float32)  # merged in fp32
         lse = torch.full((B, H * R, bs), float("-inf"))
-        for c in plan.causal:
-            seqs = _Sequences(B, H, R, bs, c)
-            part, part_lse = _flash(*(seqs.gather(t) for t in (qb, kb, vb)), 0.0, True, scale=scale)[:2]
-            o, lo = seqs.rows(out), seqs.rows(lse)
-            _merge_into(o, lo, seqs.scatter(part), seqs.scatter(part_lse))
-            seqs.put(out, o)
-            seqs.put(lse, lo)
         views = _Views(B, H, R, bs)
         for w in plan.windows:
-            mask = _mask(w.visible, w.offset, bs, q.dtype)
+            mask = _mask(w.visible, bs, q.dtype)
             for b in views.batches(w):
                 part, part_lse = _flash(
                     views.rows(qb, w, b), views.keys(kb, w, b), views.keys(vb, w, b), 0.0, False, attn_mask=mask, scale=scale
@@ -317,14 +254,9 @@ class _Pieces(torch.autograd.Function):
         R, bs = qb.shape[1] // H, qb.shape[2]
         gb = grad.reshape(B, H * R, bs, D).contiguous()
         dq, dk, dv = (torch.zeros_like(qb) for _ in range(3))
-        for c in plan.causal:
-            seqs = _Sequences(B, H, R, bs, c)
-            grads = _flash_backward(*(seqs.gather(t) for t in (gb, qb, kb, vb, out, lse)), 0.0, True, scale=scale)
-            for total, part in zip((dq, dk, dv), grads):
-                seqs.add(total, seqs.scatter(part))
         views = _Views(B, H, R, bs)
         for w in plan.windows:
-            mask = _mask(w.visible, w.offset, bs, qb.dtype)
+            mask = _mask(w.visible, bs, qb.dtype)
             for b in views.batches(w):
                 gq, gk, gv = _flash_backward(
                     views.rows(gb, w, b), views.rows(qb, w, b), views.keys(kb, w, b), views.keys(vb, w, b),
@@ -353,57 +285,6 @@ class _Pieces(torch.autograd.Function):
             dv.index_add_(1, keys, gv.reshape(B, P * g.width, bs, D))
         shape = ctx.shape
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None
-
-
-@dataclass(frozen=True)
-class _Sequences:
-    """``(B, H*R, bs, ...)`` tensors of a :class:`Causal` piece's heads rearranged into its sequences, padded with
-    zero blocks to a whole number of periods (after every real query of a sequence: causal attention never
-    reads them)."""
-
-    B: int
-    H: int
-    R: int
-    bs: int
-    piece: Causal
-
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
-        """``(B, heads, R, bs, ...)``: a view when the piece has every head, else a copy."""
-        x = t.view(self.B, self.H, self.R, *t.shape[2:])
-        return x if len(self.piece.heads) == self.H else x.index_select(1, torch.tensor(self.piece.heads))
-
-    def put(self, t: torch.Tensor, x: torch.Tensor) -> None:
-        """Write back what :meth:`rows` copied (nothing to do for a view)."""
-        if len(self.piece.heads) < self.H:
-            t.view(self.B, self.H, self.R, *t.shape[2:]).index_copy_(1, torch.tensor(self.piece.heads), x)
-
-    def add(self, t: torch.Tensor, x: torch.Tensor) -> None:
-        if len(self.piece.heads) < self.H:
-            t.view(self.B, self.H, self.R, *t.shape[2:]).index_add_(1, torch.tensor(self.piece.heads), x)
-        else:
-            t.view(self.B, self.H, self.R, *t.shape[2:]).add_(x)
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """``(B, heads * sequences, blocks * bs, ...)``: a class is blocks ``a, a + period, ...``, a chunk blocks
-        ``k * period, ..., (k + 1) * period - 1``, in order."""
-        x, period, heads = self.rows(t), self.piece.period, len(self.piece.heads)
-        blocks = -(-self.R // period) * period
-        if blocks > self.R:
-            x = torch.cat([x, x.new_zeros(*x.shape[:2], blocks - self.R, *x.shape[3:])], 2)
-        x = x.view(self.B, heads, blocks // period, period, *x.shape[3:])
-        if self.piece.classes:
-            return x.transpose(2, 3).reshape(self.B, heads * period, blocks // period * self.bs, *x.shape[5:])
-        return x.reshape(self.B, heads * (blocks // period), period * self.bs, *x.shape[5:])
-
-    def scatter(self, y: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`gather`: ``(B, heads, R, bs, ...)``."""
-        period, heads, inner = self.piece.period, len(self.piece.heads), y.shape[3:]
-        blocks = y.shape[1] * y.shape[2] // (heads * self.bs)
-        if self.piece.classes:
-            x = y.view(self.B, heads, period, blocks // period, self.bs, *inner).transpose(2, 3)
-        else:
-            x = y.view(self.B, heads, blocks // period, period, self.bs, *inner)
-        return x.reshape(self.B, heads, blocks, self.bs, *inner)[:, :, : self.R]
 
 
 @dataclass(frozen=True)
@@ -442,18 +323,15 @@ class _Views:
 
 
 @functools.lru_cache(maxsize=256)
-def _mask(visible: tuple[tuple[bool, ...], ...], offset: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+def _mask(visible: tuple[tuple[bool, ...], ...], block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask of a window shape, ``(rows * bs, width * bs)``: 0 where a query sees a key, -inf where
-    not: outside the row's window, and after the query within its own block (column ``row - offset``)."""
+    not: outside the row's window, and after the query within its own block (the last visible one)."""
     blocks = torch.tensor(visible)  # (rows, width)
     rows, width = blocks.shape
     own = torch.zeros_like(blocks)
-    for i in range(rows):
-        if 0 <= i - offset < width:
-            own[i, i - offset] = True
+    own[torch.arange(rows), blocks.int().cumsum(1).argmax(1)] = True
     position = torch.arange(block_size)
     future = (position[None, :] > position[:, None]).repeat(rows, width)  # (rows*bs, width*bs)
-
     def spread(m: torch.Tensor) -> torch.Tensor:
         return m.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
 
