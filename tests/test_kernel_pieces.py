@@ -56,9 +56,10 @@ def test_windows_wider_than_the_kernels_key_split(kind):
 
 
 def test_pieces_cover_every_tile_once():
-    """Windows, chains and their superrows: every tile of the layout computed, none twice (by counting)."""
-    for pattern in PATTERNS.values():
-        layout = pattern.layout(4, 256, 1)
+    """Windows, chains and their superrows: every tile of the layout computed, none twice (by counting the
+    tiles each piece's mask shows)."""
+    for pattern, layer in [(p, layer) for p in PATTERNS.values() for layer in (0, 1)]:
+        layout = pattern.layout(4, 256, layer)
         plan = _plan(layout, 1)
         covered = torch.zeros_like(layout, dtype=torch.int)
         R = layout.shape[1]
@@ -71,9 +72,9 @@ def test_pieces_cover_every_tile_once():
                             covered[w.h0 + hh * w.hstep, r0 + i, r0 + w.offset + j] += int(seen)
         for g in plan.gathers:
             for queries, keys in zip(g.queries.tolist(), g.keys.tolist()):
-                for q in queries:
-                    for k in keys:
-                        covered[q // R, q % R, k % R] += 1
+                for q, row in zip(queries, g.visible):
+                    for k, seen in zip(keys, row):
+                        covered[q // R, q % R, k % R] += int(seen)
         assert torch.equal(covered, layout.int())
 
 
@@ -84,6 +85,17 @@ def test_rows_with_one_key_set_read_it_in_one_piece():
     layout = AttentionPattern("fixed", block_size=8, stride=64, summary=8, heads="interleaved").layout(2, 512, 1)
     pieces = {(g.rows, g.width) for g in _plan(layout, 1).gathers}
     assert pieces == {(8, k) for k in range(1, 7)} | {(7, 7)}
+
+
+def test_a_column_chain_reads_its_rows_own_blocks():
+    """strided's column layer (every 4th block back): four rows down a column read the union of their sets in one
+    piece, each its own part, and three of them their own block there, so few single-block windows are left."""
+    layout = PATTERNS["strided-interleaved"].layout(4, 256, 1)
+    plan = _plan(layout, 1)
+    shapes = {(g.rows, g.own) for g in plan.gathers}
+    assert (4, (True, True, True, False)) in shapes
+    single = sum(w.heads * w.count for w in plan.windows)
+    assert single < layout.shape[0] * layout.shape[1] // 2
 
 
 def test_auto_is_pieces_on_the_cpu():

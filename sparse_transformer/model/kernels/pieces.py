@@ -68,13 +68,16 @@ class Window:
 
 @dataclass(frozen=True)
 class Gather:
-    """Pieces of ``rows`` query blocks each (flat ``h * R + r`` indices, ``queries [P, rows]``) that read the same
-    ``width`` key blocks (``keys [P, width]``), all before them: no mask."""
+    """Pieces of ``rows`` query blocks each (flat ``h * R + r`` indices, ``queries [P, rows]``) that read ``width``
+    key blocks (``keys [P, width]``, ascending) under ``visible``, a ``[rows, width]`` block mask the same for
+    every piece; a row marked ``own`` reads its own block too, its last visible one, causally."""
 
     queries: torch.Tensor
     keys: torch.Tensor
     rows: int
     width: int
+    visible: tuple[tuple[bool, ...], ...]
+    own: tuple[bool, ...]
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
     if bool((layout == torch.ones(R, R, dtype=torch.bool).tril()).all()):
         return Plan(dense=True, windows=(), gathers=())
     windows: dict[tuple, list[tuple[int, int]]] = {}  # superrow shape -> [(head, first row)]
-    gathers: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = {}  # (rows, width) -> [(queries, keys)]
+    gathers: dict[tuple, list[tuple[list[int], list[int]]]] = {}  # (rows, width, visible, own) -> [(queries, keys)]
     for h in range(H):
         starts, rests = [], []
         for r in range(R):
@@ -114,12 +117,16 @@ def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
                 run += 1
             starts.append(r - run)
             rests.append(cols[: len(cols) - run])
-        for rows in _superrows(starts):
+        bare = {r for r in range(R) if starts[r] == r}  # rows whose window would be their own block alone
+        folded = set()
+        for queries, keys, visible, own in _chains(rests, bare):
+            folded |= {r for r, o in zip(queries, own) if o}
+            shape = (len(queries), len(keys), visible, own)
+            gathers.setdefault(shape, []).append(([h * R + r for r in queries], [h * R + c for c in keys]))
+        for rows in _superrows(starts, skip=folded):
             lo = min(starts[r] for r in rows)
             visible = tuple(tuple(starts[r] <= c <= r for c in range(lo, rows[-1] + 1)) for r in rows)
             windows.setdefault((len(rows), lo - rows[0], visible), []).append((h, rows[0]))
-        for queries, keys in _chains(rests, h * R):
-            gathers.setdefault((len(queries), len(keys)), []).append((queries, keys))
     return Plan(
         dense=False,
         windows=tuple(w for shape, firsts in windows.items() for w in _windows(shape, firsts)),
@@ -127,25 +134,26 @@ def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
     )
 
 
-def _superrows(starts: list[int]) -> list[range]:
+def _superrows(starts: list[int], skip: set[int]) -> list[range]:
     """Rows in groups of ``SUPERROW`` consecutive ones; a group with a short window goes row by row, since its
-    union would be mostly what its rows must not see."""
+    union would be mostly what its rows must not see. Rows in ``skip`` have no window: a chain read their block."""
     out = []
     for r0 in range(0, len(starts), SUPERROW):
         rows = range(r0, min(r0 + SUPERROW, len(starts)))
         if all(r - starts[r] >= MIN_RUN for r in rows):
             out.append(rows)
         else:
-            out += [range(r, r + 1) for r in rows]
+            out += [range(r, r + 1) for r in rows if r not in skip]
     return out
 
 
-def _chains(rests: list[list[int]], base: int) -> list[tuple[list[int], list[int]]]:
-    """Pieces ``(query blocks, key blocks)`` (flat: ``base + r``) reading the key sets ``rests[r]``.
+def _chains(rests: list[list[int]], bare: set[int]) -> list[tuple[list[int], list[int], tuple, tuple[bool, ...]]]:
+    """Pieces ``(query blocks, key blocks, visible, own)`` that read the key sets ``rests[r]``.
 
-    Rows are chained where one's set contains the last one's, shortest first; ``CHAIN`` rows of a chain, and any
-    more with the same set (the rows of a ``fixed`` chunk), read the first one's set in one piece, and each the
-    rest of its own set in a piece of its own.
+    Rows are chained where one's set contains the last one's, shortest first. ``CHAIN`` rows of a chain, and any
+    more with the same set (the rows of a ``fixed`` chunk), read the union of their sets in one piece, each
+    under a mask that hides what its set lacks. A row in ``bare`` (no window) whose own block is in that union
+    (a ``strided`` column row: the next row down its column reads it) reads its own block there too.
     """
     order = sorted((r for r, rest in enumerate(rests) if rest), key=lambda r: len(rests[r]))
     chains: list[list[int]] = []
@@ -160,15 +168,14 @@ def _chains(rests: list[list[int]], base: int) -> list[tuple[list[int], list[int
     for chain in chains:
         a = 0
         while a < len(chain):
-            core, b = rests[chain[a]], a + 1
-            while b < len(chain) and (b - a < CHAIN or rests[chain[b]] == core):
+            b = a + 1
+            while b < len(chain) and (b - a < CHAIN or rests[chain[b]] == rests[chain[a]]):
                 b += 1
             rows, a = chain[a:b], b
-            pieces.append(([base + r for r in rows], [base + c for c in core]))
-            for r in rows[1:]:
-                extra = sorted(set(rests[r]) - set(core))
-                if extra:
-                    pieces.append(([base + r], [base + c for c in extra]))
+            keys = sorted(set().union(*(rests[r] for r in rows)))
+            own = tuple(r in bare and r in keys for r in rows)
+            visible = tuple(tuple(c in rests[r] or (o and c == r) for c in keys) for r, o in zip(rows, own))
+            pieces.append((rows, keys, visible, own))
     return pieces
 
 
@@ -202,12 +209,12 @@ def _progressions(values: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _batches(shape: tuple[int, int], pieces: list[tuple[list[int], list[int]]], block_bytes: int) -> list[Gather]:
-    rows, width = shape
+def _batches(shape: tuple, pieces: list[tuple[list[int], list[int]]], block_bytes: int) -> list[Gather]:
+    rows, width, visible, own = shape
     queries = torch.tensor([q for q, _ in pieces])  # (P, rows)
     keys = torch.tensor([k for _, k in pieces])  # (P, width)
     per_call = max(1, CHUNK_BYTES // (width * block_bytes))
-    return [Gather(qs, ks, rows, width) for qs, ks in zip(queries.split(per_call), keys.split(per_call))]
+    return [Gather(qs, ks, rows, width, visible, own) for qs, ks in zip(queries.split(per_call), keys.split(per_call))]
 
 
 class _Pieces(torch.autograd.Function):
@@ -235,6 +242,7 @@ class _Pieces(torch.autograd.Function):
                 vb.index_select(1, keys).view(B, P, g.width * bs, D),
                 0.0,
                 False,
+                attn_mask=_gather_mask(g, bs, q.dtype),
                 scale=scale,
             )[:2]
             o, lo = out.index_select(1, rows), lse.index_select(1, rows)
@@ -278,6 +286,7 @@ class _Pieces(torch.autograd.Function):
                 lse.index_select(1, rows).view(B, P, g.rows * bs),
                 0.0,
                 False,
+                attn_mask=_gather_mask(g, bs, qb.dtype),
                 scale=scale,
             )
             dq.index_add_(1, rows, gq.reshape(B, P * g.rows, bs, D))
@@ -322,14 +331,26 @@ class _Views:
         return t.as_strided(size, stride, t.storage_offset() + first * per_block)
 
 
+def _gather_mask(g: Gather, block_size: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """None where every row of a gathered piece sees every key (no mask is fastest), else its mask."""
+    if not any(g.own) and all(all(row) for row in g.visible):
+        return None
+    return _mask(g.visible, block_size, dtype, g.own)
+
+
 @functools.lru_cache(maxsize=256)
-def _mask(visible: tuple[tuple[bool, ...], ...], block_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive mask of a window shape, ``(rows * bs, width * bs)``: 0 where a query sees a key, -inf where
-    not: outside the row's window, and after the query within its own block (the last visible one)."""
+def _mask(
+    visible: tuple[tuple[bool, ...], ...], block_size: int, dtype: torch.dtype, causal: tuple[bool, ...] | None = None
+) -> torch.Tensor:
+    """The additive mask of a piece's shape, ``(rows * bs, width * bs)``: 0 where a query sees a key, -inf where
+    not: outside the row's blocks, and after the query within its own block, its last visible one (every row of
+    a window; the rows marked ``causal`` of a gathered piece)."""
     blocks = torch.tensor(visible)  # (rows, width)
     rows, width = blocks.shape
     own = torch.zeros_like(blocks)
     own[torch.arange(rows), blocks.int().cumsum(1).argmax(1)] = True
+    if causal is not None:
+        own &= torch.tensor(causal)[:, None]
     position = torch.arange(block_size)
     future = (position[None, :] > position[:, None]).repeat(rows, width)  # (rows*bs, width*bs)
     def spread(m: torch.Tensor) -> torch.Tensor:
