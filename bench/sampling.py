@@ -145,7 +145,7 @@ def write(args: argparse.Namespace, rows: list[tuple], past: list[tuple]) -> Non
     lines = [
         f"# Sampling: key/value cache vs full recompute on {device}",
         "",
-        f"- command: `python bench/sampling.py {shlex.join(sys.argv[1:])}`",
+        f"- command: `{shlex.join(['python', 'bench/sampling.py', *sys.argv[1:]])}`",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}",
         f"- model: d_model={args.d_model}, {args.layers} layers, {args.heads} heads, block {args.block_size}, "
         f"stride {args.stride}, batch {args.batch}, float32, default attention backend; greedy; "

@@ -44,7 +44,7 @@ class ModelConfig:
         dropout: on the embeddings and on every residual branch, in [0, 1).
         pattern: which keys each query attends to (section 4).
         backend: how ``sparse`` attention is computed; every backend computes the same function.
-            ``auto``: triton on CUDA, blocks elsewhere.
+            ``auto``: triton on CUDA, pieces on the CPU, blocks elsewhere.
         attention: ``sparse`` (the pattern, by ``backend``), ``performer`` (FAVOR+; dense pattern only) or
             ``adaptive_span`` (a learned span per head on top of the pattern).
         performer: FAVOR+ options, for ``attention: performer``.

@@ -1,6 +1,6 @@
 """Block-sparse multi-head attention: each head attends only to the tiles of the pattern's layout.
 
-The backend (triton, blocks, flex, reference, or auto) computes the same function; ``auto`` is chosen at each
+The backend (triton, pieces, blocks, flex, reference, or auto) computes the same function; ``auto`` is chosen at each
 call from the input's device, so a model moves between CPU and GPU freely. With ``persistent_memory`` every
 softmax also sees that many learned key/value vectors per head (``persistent_memory.py``). This is the one
 kind with a key/value cache for incremental decoding (``kv_cache.py``).
