@@ -30,7 +30,6 @@ def test_sampling_bench_counts_one_prefill_per_slide(tmp_path):
 
 
 def test_attention_bench_writes_a_table_and_a_plot(tmp_path):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "attention.md"
     args = ["--device", "cpu", "--seq-lens", "128", "256", "--heads", "2", "--head-dim", "16", "--block-size", "16"]
     result = run("bench/attention.py", *args, "--stride", "32", "--backends", "sdpa", "pieces", "--reps", "1", "--out", str(out))

@@ -67,6 +67,7 @@ def test_two_variants_train_and_are_tabulated(tmp_path):
         assert params > 0 and 0 < bpb < 9 and tokens_per_s > 0
     assert "- command: `python bench/compare.py --config" in out.read_text()
     assert (tmp_path / "runs" / "performer" / "checkpoints" / "last.ckpt").is_file()
+    assert "plot: `table.png`" in out.read_text() and out.with_suffix(".png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
