@@ -1,4 +1,5 @@
-"""The benchmark scripts run and say what they measured: tiny shapes, numbers checked only where they are counts."""
+"""The benchmark scripts run and say what they measured: tiny shapes, numbers checked only where they are counts
+or grow by a known law."""
 
 import math
 
@@ -37,3 +38,14 @@ def test_attention_bench_writes_a_table_and_a_plot(tmp_path):
     text = out.read_text()
     assert "| pieces | strided | 256 |" in text and "| sdpa | causal | 256 |" in text
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_memory_bench_sees_the_reference_grow_quadratically(tmp_path):
+    out = tmp_path / "memory.md"
+    args = ["--seq-lens", "256", "512", "--heads", "2", "--head-dim", "16", "--block-size", "16", "--layouts", "strided"]
+    result = run("bench/memory.py", *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r[0], r[1]): r[2:] for r in table_rows(out.read_text(), "| backend | layout |")}
+    assert set(rows) == {("sdpa", "causal"), ("pieces", "strided"), ("blocks", "strided"), ("reference", "strided")}
+    small, large = (float(x) for x in rows["reference", "strided"][:2])
+    assert large > 3 * small > 0  # its N x N matrices: 4x the bytes at 2N

@@ -55,6 +55,15 @@ def test_windows_wider_than_the_kernels_key_split(kind):
     oracle.check_against_reference(pieces_attention, layout, 64, torch.float32, 2e-5, B=1, D=16)
 
 
+@pytest.mark.parametrize("name", ["strided-merged", "fixed-merged", "local-merged"])
+def test_one_piece_per_call_is_exact(name, monkeypatch):
+    """Calls bounded by CHUNK_BYTES (here: one superrow or gathered piece each, the most cut up) give the same
+    result: the chunks of a window's backward and of a gather split only the batch of pieces."""
+    monkeypatch.setattr("sparse_transformer.model.kernels.pieces.CHUNK_BYTES", 1)
+    layout = PATTERNS[name].layout(2, 184)  # a length no other test plans, so the plan is made with the patch
+    oracle.check_against_reference(pieces_attention, layout, 8, torch.float32, TOLERANCE[torch.float32])
+
+
 def test_pieces_cover_every_tile_once():
     """Windows, chains and their superrows: every tile of the layout computed, none twice (by counting the
     tiles each piece's mask shows)."""

@@ -19,9 +19,10 @@ So the layout is split into pieces that give it many queries per key set:
 The pieces of a row are merged by their log-sum-exp, exactly, as flash attention merges its key tiles. The
 backward is flash attention's too: each piece's gradients come from the fused backward kernel given the
 merged output and log-sum-exp, which is exact for any split of the keys. Only q, k, v, the output and the
-log-sum-exp are kept for it, so memory stays linear in N; gathered key blocks are gathered again in the
-backward, in chunks small enough (``CHUNK_BYTES``) that the allocator reuses its memory instead of faulting
-in fresh pages. A dense layout is one causal call.
+log-sum-exp are kept for it; gathered key blocks are gathered again in the backward, and the key gradients of
+overlapping windows, separate buffers, are made a few superrows at a time. Both come in chunks small enough
+(``CHUNK_BYTES``) that the allocator reuses their memory instead of faulting in fresh pages, and memory stays
+linear in N (``bench/memory.py``). A dense layout is one causal call.
 
 It calls the flash kernel's ATen ops (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward),
 the only CPU entry points that take a mask and return the log-sum-exp; ``tests/test_kernel_pieces.py`` holds
@@ -42,7 +43,7 @@ from sparse_transformer.model.kernels.lut import per_layout
 SUPERROW = 2  # rows per window piece: more queries per key for the kernel, little of the union wasted
 MIN_RUN = 4  # a superrow's rows each see at least this many blocks before their own, or go one by one
 CHAIN = 4  # rows of a chain that read one key set together
-CHUNK_BYTES = 8 << 20  # gathered keys per call; under glibc's 32 MiB mmap threshold, so memory is reused
+CHUNK_BYTES = 8 << 20  # gathered keys or window key gradients per call; under glibc's 32 MiB mmap threshold, so memory is reused
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -266,15 +267,21 @@ class _Pieces(torch.autograd.Function):
         for w in plan.windows:
             mask = _mask(w.visible, bs, qb.dtype)
             for b in views.batches(w):
-                gq, gk, gv = _flash_backward(
-                    views.rows(gb, w, b), views.rows(qb, w, b), views.keys(kb, w, b), views.keys(vb, w, b),
-                    views.rows(out, w, b), views.rows(lse, w, b), 0.0, False, attn_mask=mask, scale=scale,
-                )  # fmt: skip
-                views.rows(dq, w, b).add_(gq)
-                for j in range(w.width):  # key block r + offset + j of every superrow: one strided view each
-                    block = slice(j * bs, (j + 1) * bs)
-                    views.block(dk, w, b, w.offset + j).add_(gk[:, :, block])
-                    views.block(dv, w, b, w.offset + j).add_(gv[:, :, block])
+                # the key gradients of overlapping windows are separate buffers, width blocks per superrow: made
+                # CHUNK_BYTES at a time, so memory stays linear in N and the allocator reuses it
+                per_call = max(1, CHUNK_BYTES // (views.rows(qb, w, b).shape[0] * w.width * qb[0, 0].nbytes))
+                for c in range(0, w.count, per_call):
+                    s = slice(c, c + per_call)
+                    gq, gk, gv = _flash_backward(
+                        views.rows(gb, w, b)[:, s], views.rows(qb, w, b)[:, s], views.keys(kb, w, b)[:, s],
+                        views.keys(vb, w, b)[:, s], views.rows(out, w, b)[:, s], views.rows(lse, w, b)[:, s],
+                        0.0, False, attn_mask=mask, scale=scale,
+                    )  # fmt: skip
+                    views.rows(dq, w, b)[:, s].add_(gq)
+                    for j in range(w.width):  # key block r + offset + j of every superrow: one strided view each
+                        block = slice(j * bs, (j + 1) * bs)
+                        views.block(dk, w, b, w.offset + j)[:, s].add_(gk[:, :, block])
+                        views.block(dv, w, b, w.offset + j)[:, s].add_(gv[:, :, block])
         for g in plan.gathers:
             P, rows, keys = len(g.queries), g.queries.flatten(), g.keys.flatten()
             gq, gk, gv = _flash_backward(

@@ -1,0 +1,122 @@
+"""Peak memory of one attention forward + backward on the CPU, per backend, layout and N: does it grow like N?
+
+    python bench/memory.py --seq-lens 2048 4096 8192 16384 --stride sqrt
+
+On CUDA, bench/attention.py measures this with the allocator's counter. The CPU has none, so this reads the
+process's peak resident set around one call (Linux: VmHWM in /proc/self/status, reset through
+/proc/self/clear_refs), with glibc told to map every allocation above 128 KiB fresh and unmap it when freed
+(mallopt), so memory freed earlier is not reused unseen. That setting slows large allocations, so nothing is
+timed here. Layouts, patterns and backends are bench/attention.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench.attention import DTYPES, backends, device_name, layouts  # noqa: E402
+from sparse_transformer.files import write_atomic  # noqa: E402
+from sparse_transformer.model.patterns import AttentionPattern  # noqa: E402
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--backends", nargs="+", choices=("sdpa", "pieces", "blocks", "reference"),
+                   default=["sdpa", "pieces", "blocks", "reference"])  # fmt: skip
+    p.add_argument("--layouts", nargs="+", choices=("strided", "fixed", "local"), default=["strided", "fixed", "local"])
+    p.add_argument("--head-modes", nargs="+", choices=("interleaved", "merged", "split"), default=["merged"])
+    p.add_argument("--stride", default="sqrt", help="l of strided and fixed: an int, or sqrt for l ~ sqrt(N)")
+    p.add_argument("--summary", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--reference-max-n", type=int, default=8192, help="skip the O(N^2) reference above this N")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "memory-cpu.md")
+    args = p.parse_args()
+    args.device, args.dtype = torch.device("cpu"), DTYPES[args.dtype]
+    return args
+
+
+def mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
+def peak_mib(attend, layout: torch.Tensor, n: int, args: argparse.Namespace) -> float:
+    """Peak resident memory of one forward + backward above what was resident before it (q, k, v, the upstream
+    gradient and everything earlier), after one untimed call that builds the backend's cached tables."""
+    shape = (args.batch, args.heads, n, args.head_dim)
+    q, k, v = (torch.randn(shape, dtype=args.dtype, requires_grad=True) for _ in range(3))
+    dout = torch.randn(shape, dtype=args.dtype)
+
+    def fwd_bwd() -> None:
+        torch.autograd.grad(attend(q, k, v, layout, args.block_size), (q, k, v), dout)
+
+    fwd_bwd()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = mib("VmRSS")
+    fwd_bwd()
+    return mib("VmHWM") - before
+
+
+def main() -> None:
+    args = parse_args()
+    if not Path("/proc/self/clear_refs").exists() or ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 << 10) != 1:
+        sys.exit("error: bench/memory.py needs Linux with glibc (/proc/self/clear_refs, mallopt)")
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    torch.manual_seed(0)
+    attends = backends(args, [])
+    peaks: dict[tuple[str, str], dict[int, float]] = {}
+    for n in args.seq_lens:
+        for name, attend in attends.items():
+            if name == "reference" and n > args.reference_max_n:
+                continue
+            causal = {"causal": AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)}
+            for kind, layout in (causal if name == "sdpa" else layouts(n, args)).items():
+                peaks.setdefault((name, kind), {})[n] = peak_mib(attend, layout, n, args)
+                print(f"{name:9} {kind:24} N={n:6}  {peaks[name, kind][n]:9.1f} MiB", flush=True)
+    header = "| backend | layout | " + " | ".join(f"N={n}" for n in args.seq_lens) + " | × per doubling of N |"
+    lines = [
+        f"# Peak memory of attention forward + backward on {device_name(args.device)}",
+        "",
+        f"- command: `{shlex.join(['python', *sys.argv])}`",
+        f"- date: {started}; torch {torch.__version__}",
+        f"- q, k, v: [B, H, N, D] = [{args.batch}, {args.heads}, N, {args.head_dim}], {args.dtype}; block "
+        f"{args.block_size}, stride {args.stride}, head modes {', '.join(args.head_modes)}",
+        "",
+        header,
+        "|---|---|" + "---:|" * (len(args.seq_lens) + 1),
+    ]
+    for (name, kind), by_n in peaks.items():
+        ns = sorted(by_n)
+        growth = (by_n[ns[-1]] / by_n[ns[0]]) ** (1 / math.log2(ns[-1] / ns[0])) if len(ns) > 1 and by_n[ns[0]] > 0 else None
+        cells = [f"{by_n[n]:.1f}" if n in by_n else "-" for n in args.seq_lens]
+        lines.append(f"| {name} | {kind} | " + " | ".join(cells) + f" | {'-' if growth is None else f'{growth:.2f}'} |")
+    lines += [
+        "",
+        "MiB: the peak resident set during one forward + backward above the resident set before it: activations, "
+        "saved tensors, gathered copies, workspaces and the gradients dq, dk, dv (3·B·H·N·D elements). "
+        "× per doubling of N: (last / first) ^ (1 / doublings); 2 is linear in N, 4 quadratic. sdpa: dense causal "
+        "scaled_dot_product_attention (flash: linear); reference: dense masked attention (an N×N matrix per head).",
+    ]
+    write_atomic(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\n\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
