@@ -75,7 +75,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layouts", nargs="+", choices=("strided", "fixed", "local", "dense"), default=["strided", "fixed"])
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--reference-max-n", type=int, default=8192, help="skip the O(N^2) reference above this N")
-    p.add_argument("--reps", type=int, default=2, help="CPU: timed runs, best kept (CUDA: triton's do_bench)")
+    p.add_argument("--reps", type=int, default=1, help="CPU: timed runs per pass, best kept (CUDA: triton's do_bench)")
+    p.add_argument("--passes", type=int, default=3, help="CPU: passes over all rows of a length, each row keeping its "
+                   "best, so that a drift in the machine's speed falls on every row alike")  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="CPU: untimed runs first")
     p.add_argument("--threads", type=int, help="CPU: torch.set_num_threads")
     p.add_argument("--out", type=Path, help="default: bench/results/attention-<device>.md")
@@ -166,13 +168,13 @@ def backends(args: argparse.Namespace, notes: list[str]) -> dict[str, Callable]:
     return found
 
 
-def time_ms(fn: Callable[[], object], args: argparse.Namespace) -> float:
+def time_ms(fn: Callable[[], object], args: argparse.Namespace, warmup: int | None = None) -> float:
     """Milliseconds per call: triton's do_bench (CUDA events, median) on CUDA, best of --reps on CPU."""
     if args.device.type == "cuda":
         from triton.testing import do_bench
 
         return do_bench(fn, return_mode="median")
-    for _ in range(args.warmup):
+    for _ in range(args.warmup if warmup is None else warmup):
         fn()
     times = []
     for _ in range(args.reps):
@@ -187,13 +189,19 @@ def is_oom(e: Exception) -> bool:
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't alloc" in text
 
 
-def measure(attend: Callable, layout: torch.Tensor, n: int, args: argparse.Namespace) -> tuple:
-    """(fwd ms, fwd+bwd ms, peak MiB of one fwd+bwd beyond q, k, v and the upstream grad), with "OOM" for what
-    ran out of memory and "n/a" for a pass the backend lacks (flex's backward on CPU) or a CPU peak."""
-    cuda = args.device.type == "cuda"
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def inputs(n: int, args: argparse.Namespace) -> Inputs:
+    """q, k, v (requiring grad) and an upstream gradient, shared by every row at length n."""
     shape = (args.batch, args.heads, n, args.head_dim)
     q, k, v = (torch.randn(shape, device=args.device, dtype=args.dtype, requires_grad=True) for _ in range(3))
-    dout = torch.randn(shape, device=args.device, dtype=args.dtype)
+    return q, k, v, torch.randn(shape, device=args.device, dtype=args.dtype)
+
+
+def passes(attend: Callable, layout: torch.Tensor, x: Inputs, args: argparse.Namespace) -> tuple[Callable, Callable]:
+    """The forward (under no_grad) and the forward + backward of one row, as calls to time."""
+    q, k, v, dout = x
 
     def fwd() -> None:
         with torch.no_grad():
@@ -202,6 +210,13 @@ def measure(attend: Callable, layout: torch.Tensor, n: int, args: argparse.Names
     def fwd_bwd() -> None:
         torch.autograd.grad(attend(q, k, v, layout, args.block_size), (q, k, v), dout)
 
+    return fwd, fwd_bwd
+
+
+def measure(fwd: Callable, fwd_bwd: Callable, args: argparse.Namespace) -> tuple:
+    """(fwd ms, fwd+bwd ms, peak MiB of one fwd+bwd beyond q, k, v and the upstream grad), with "OOM" for what
+    ran out of memory and "n/a" for a pass the backend lacks (flex's backward on CPU) or a CPU peak."""
+    cuda = args.device.type == "cuda"
     fwd_ms: float | str = "n/a"
     try:
         fwd()  # compiles (flex, triton) and builds the cached tables outside the timing
@@ -222,16 +237,18 @@ def measure(attend: Callable, layout: torch.Tensor, n: int, args: argparse.Names
             raise
         return (fwd_ms if isinstance(fwd_ms, float) else "OOM"), "OOM", "OOM"
     finally:
-        del q, k, v, dout
         if cuda:
             torch.cuda.empty_cache()
 
 
 def run(args: argparse.Namespace, notes: list[str]) -> list[Row]:
-    """Every backend on every layout and length; one that ran out of memory is not retried at a larger N."""
+    """Every backend on every layout and length; one that ran out of memory is not retried at a larger N. On the
+    CPU every row of a length is timed again in ``--passes`` passes over them all, and keeps its best: a shared
+    machine's speed drifts over minutes, and this way the drift falls on every row alike."""
     attends = backends(args, notes)
     rows, out_of_memory = [], set()
     for n in args.seq_lens:
+        x, timed = inputs(n, args), []
         for name, attend in attends.items():
             if name == "reference" and n > args.reference_max_n:
                 continue
@@ -240,32 +257,27 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Row]:
                 layout = layout.to(args.device)
                 flops = 4.0 * args.batch * layout.sum().item() * args.block_size**2 * args.head_dim
                 times = ("OOM",) * 3
+                calls = passes(attend, layout, x, args)
                 if (name, kind) not in out_of_memory:
                     try:
-                        times = measure(attend, layout, n, args)
+                        times = measure(*calls, args)
                     except Exception as e:
                         notes.append(f"{name} {kind} N={n} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
                         times = ("error",) * 3
                 if times[1] == "OOM":
                     out_of_memory.add((name, kind))
                 rows.append(Row(name, kind, n, density(layout), flops, *times))
+                timed.append((rows[-1], calls))
                 print(markdown_row(rows[-1], rows), flush=True)
-        if "sdpa" in attends and args.device.type == "cpu":
-            retime_baseline(attends["sdpa"], rows, n, args)
+        for _ in range(args.passes - 1 if args.device.type == "cpu" else 0):
+            for row, (fwd, fwd_bwd) in timed:
+                for field, call in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):
+                    if isinstance(getattr(row, field), float):
+                        setattr(row, field, min(getattr(row, field), time_ms(call, args, warmup=0)))
+        del x, timed
     if any(n > args.reference_max_n for n in args.seq_lens) and "reference" in args.backends:
         notes.append(f"reference skipped above N={args.reference_max_n} (--reference-max-n)")
     return rows
-
-
-def retime_baseline(attend: Callable, rows: list[Row], n: int, args: argparse.Namespace) -> None:
-    """SDPA timed again after the other rows at this N: the baseline keeps its best of both, so a CPU whose speed
-    drifts over minutes (a shared VM) cannot flatter the rows timed later."""
-    row = next(r for r in rows if r.backend == "sdpa" and r.n == n)
-    layout = AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)
-    again = measure(attend, layout, n, args)
-    for field, value in zip(("fwd_ms", "fwd_bwd_ms"), again[:2]):
-        if isinstance(value, float) and isinstance(getattr(row, field), float):
-            setattr(row, field, min(getattr(row, field), value))
 
 
 def fmt(x: float | str) -> str:
@@ -341,8 +353,8 @@ def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started:
     timing = (
         "median of triton.testing.do_bench (CUDA events)"
         if args.device.type == "cuda"
-        else f"best of {args.reps} time.perf_counter runs after {args.warmup} warmup (sdpa: timed so before and after "
-        "the other rows of its N, the best kept)"
+        else f"best of {args.passes} passes over all rows of an N, each {args.reps} time.perf_counter run(s) (the first "
+        f"after {args.warmup} warmup)"
     )
     lines = [
         f"# Attention backends on {device_name(args.device)}",
