@@ -98,9 +98,11 @@ def images_from(path: Path, shape: tuple[int, int, int], n: int) -> torch.Tensor
     """``n`` images ``[n, 1 + N]`` from an image file (repeated) or spread over a folder of them."""
     from sparse_transformer.data.images import ImageBytes, ImageFiles, check_image, find_images
 
-    files = [path] if path.is_file() else find_images(path, shape)
-    for file in files[:1] if path.is_file() else []:
-        check_image(file, shape)
+    if path.is_file():
+        check_image(path, shape)
+        files = [path]
+    else:
+        files = find_images(path, shape)
     images = ImageBytes(ImageFiles(files, shape))
     return torch.stack([images[i] for i in (spread(len(files), n) if len(files) > 1 else [0] * n)])
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,18 @@ def layouts(n: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
                 label = f"{name}-L{layer}" if len(layers) > 1 else name
                 out[label] = pattern(kind, n, args, mode).layout(args.heads, n, layer)
     return out
+
+
+def cases(n: int, attends: dict[str, Callable], args: argparse.Namespace) -> Iterator[tuple[str, Callable, str, torch.Tensor]]:
+    """(backend, its function, layout name, layout on the device) for every row at length n: sdpa on the causal
+    layout, the O(N^2) reference only up to --reference-max-n, every other backend on every layout."""
+    causal = {"causal": AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)}
+    sparse = layouts(n, args)
+    for name, attend in attends.items():
+        if name == "reference" and n > args.reference_max_n:
+            continue
+        for kind, layout in (causal if name == "sdpa" else sparse).items():
+            yield name, attend, kind, layout.to(args.device)
 
 
 def sdpa(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
@@ -249,26 +261,21 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Row]:
     rows, out_of_memory = [], set()
     for n in args.seq_lens:
         x, timed = inputs(n, args), []
-        for name, attend in attends.items():
-            if name == "reference" and n > args.reference_max_n:
-                continue
-            causal = {"causal": AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)}
-            for kind, layout in (causal if name == "sdpa" else layouts(n, args)).items():
-                layout = layout.to(args.device)
-                flops = 4.0 * args.batch * layout.sum().item() * args.block_size**2 * args.head_dim
-                times = ("OOM",) * 3
-                calls = passes(attend, layout, x, args)
-                if (name, kind) not in out_of_memory:
-                    try:
-                        times = measure(*calls, args)
-                    except Exception as e:
-                        notes.append(f"{name} {kind} N={n} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
-                        times = ("error",) * 3
-                if times[1] == "OOM":
-                    out_of_memory.add((name, kind))
-                rows.append(Row(name, kind, n, density(layout), flops, *times))
-                timed.append((rows[-1], calls))
-                print(markdown_row(rows[-1], rows), flush=True)
+        for name, attend, kind, layout in cases(n, attends, args):
+            flops = 4.0 * args.batch * layout.sum().item() * args.block_size**2 * args.head_dim
+            times = ("OOM",) * 3
+            calls = passes(attend, layout, x, args)
+            if (name, kind) not in out_of_memory:
+                try:
+                    times = measure(*calls, args)
+                except Exception as e:
+                    notes.append(f"{name} {kind} N={n} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                    times = ("error",) * 3
+            if times[1] == "OOM":
+                out_of_memory.add((name, kind))
+            rows.append(Row(name, kind, n, density(layout), flops, *times))
+            timed.append((rows[-1], calls))
+            print(markdown_row(rows[-1], rows), flush=True)
         for _ in range(args.passes - 1 if args.device.type == "cpu" else 0):
             for row, (fwd, fwd_bwd) in timed:
                 for field, call in (("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)):

@@ -16,6 +16,7 @@ import ctypes
 import math
 import shlex
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,9 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.attention import DTYPES, backends, device_name, layouts  # noqa: E402
+from bench.attention import DTYPES, backends, cases, device_name, inputs, passes  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
-from sparse_transformer.model.patterns import AttentionPattern  # noqa: E402
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -56,16 +56,9 @@ def mib(key: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def peak_mib(attend, layout: torch.Tensor, n: int, args: argparse.Namespace) -> float:
+def peak_mib(fwd_bwd: Callable[[], None]) -> float:
     """Peak resident memory of one forward + backward above what was resident before it (q, k, v, the upstream
-    gradient and everything earlier), after one untimed call that builds the backend's cached tables."""
-    shape = (args.batch, args.heads, n, args.head_dim)
-    q, k, v = (torch.randn(shape, dtype=args.dtype, requires_grad=True) for _ in range(3))
-    dout = torch.randn(shape, dtype=args.dtype)
-
-    def fwd_bwd() -> None:
-        torch.autograd.grad(attend(q, k, v, layout, args.block_size), (q, k, v), dout)
-
+    gradient and everything earlier), after one unmeasured call that builds the backend's cached tables."""
     fwd_bwd()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
@@ -83,13 +76,11 @@ def main() -> None:
     attends = backends(args, [])
     peaks: dict[tuple[str, str], dict[int, float]] = {}
     for n in args.seq_lens:
-        for name, attend in attends.items():
-            if name == "reference" and n > args.reference_max_n:
-                continue
-            causal = {"causal": AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)}
-            for kind, layout in (causal if name == "sdpa" else layouts(n, args)).items():
-                peaks.setdefault((name, kind), {})[n] = peak_mib(attend, layout, n, args)
-                print(f"{name:9} {kind:24} N={n:6}  {peaks[name, kind][n]:9.1f} MiB", flush=True)
+        x = inputs(n, args)
+        for name, attend, kind, layout in cases(n, attends, args):
+            peaks.setdefault((name, kind), {})[n] = peak_mib(passes(attend, layout, x, args)[1])
+            print(f"{name:9} {kind:24} N={n:6}  {peaks[name, kind][n]:9.1f} MiB", flush=True)
+        del x
     header = "| backend | layout | " + " | ".join(f"N={n}" for n in args.seq_lens) + " | × per doubling of N |"
     lines = [
         f"# Peak memory of attention forward + backward on {device_name(args.device)}",

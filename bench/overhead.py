@@ -17,6 +17,7 @@ writes it with the command to bench/results/overhead-<device>.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import statistics
 import sys
@@ -33,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import train  # noqa: E402
 from bench.attention import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
-from sparse_transformer.training.lightning_module import warmup_cosine  # noqa: E402
 
 
 class StepTimer(L.Callback):
@@ -70,17 +70,12 @@ def plain_steps(args: argparse.Namespace, root: Path) -> list[float]:
     """The loop by hand, over what the CLI built: no Trainer."""
     cli = build(args, root)
     module, data = cli.model, cli.datamodule
-    hp = module.hparams
     data.setup("fit")
-    matrices = [p for p in module.parameters() if p.dim() >= 2]
-    others = [p for p in module.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": hp.weight_decay}, {"params": others, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps, hp.min_lr_ratio))
+    optimizer, schedule = module.optimizer_and_schedule(args.steps)
     module.train()
     starts = []
-    for step, batch in enumerate(data.train_dataloader()):
+    epochs = (batch for _ in itertools.count() for batch in data.train_dataloader())  # as Lightning does, past an epoch
+    for step, batch in enumerate(epochs):
         starts.append(time.perf_counter())
         if step == args.steps:
             break

@@ -91,6 +91,12 @@ class SparseTransformerLM(L.LightningModule):
         self.log(f"test_{self.unit}", self.test_bits, on_epoch=True)
 
     def configure_optimizers(self):
+        optimizer, schedule = self.optimizer_and_schedule(max(int(self.trainer.estimated_stepping_batches), 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def optimizer_and_schedule(self, total_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW (no weight decay on biases and norms) and its per-step warmup-cosine schedule over ``total_steps``;
+        ``bench/overhead.py``'s plain loop steps the same pair by hand."""
         hp = self.hparams
         matrices = [p for p in self.parameters() if p.dim() >= 2]
         others = [p for p in self.parameters() if p.dim() < 2]
@@ -99,11 +105,10 @@ class SparseTransformerLM(L.LightningModule):
             lr=hp.lr,
             betas=hp.betas,
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total_steps, hp.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimizer, schedule
 
 
 def check_optimizer(lr: float, betas: tuple[float, float], weight_decay: float, warmup_steps: int, min_lr_ratio: float) -> None:

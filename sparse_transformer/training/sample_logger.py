@@ -49,9 +49,8 @@ class SampleLogger(L.Callback):
         super().__init__()
         if every_n_val < 0 or num_samples < 1:
             raise InputError(f"samples every_n_val={every_n_val} must be >= 0 and num_samples={num_samples} >= 1")
-        Sampling(temperature, top_k, seed)  # a bad temperature or top-k: refused now, not at the first validation
         self.every_n_val, self.num_samples, self.length = every_n_val, num_samples, length
-        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.sampling = Sampling(temperature, top_k, seed)  # a bad temperature or top-k: refused now, not at a validation
         self.validations = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -73,7 +72,7 @@ class SampleLogger(L.Callback):
         modality, step, length = pl_module.modality, trainer.global_step, self.sample_length(pl_module)
         was_training = pl_module.training
         started = time.perf_counter()
-        tokens = sample(pl_module.model, modality, self.num_samples, length, Sampling(self.temperature, self.top_k, self.seed))
+        tokens = sample(pl_module.model, modality, self.num_samples, length, self.sampling)
         seconds = time.perf_counter() - started
         pl_module.train(was_training)
         tokens = tokens.cpu()

@@ -267,21 +267,22 @@ class _Pieces(torch.autograd.Function):
         for w in plan.windows:
             mask = _mask(w.visible, bs, qb.dtype)
             for b in views.batches(w):
+                g_, q_, o_, lse_, dq_ = (views.rows(t, w, b) for t in (gb, qb, out, lse, dq))
+                k_, v_ = views.keys(kb, w, b), views.keys(vb, w, b)
+                dk_, dv_ = ([views.block(t, w, b, w.offset + j) for j in range(w.width)] for t in (dk, dv))
                 # the key gradients of overlapping windows are separate buffers, width blocks per superrow: made
                 # CHUNK_BYTES at a time, so memory stays linear in N and the allocator reuses it
-                per_call = max(1, CHUNK_BYTES // (views.rows(qb, w, b).shape[0] * w.width * qb[0, 0].nbytes))
+                per_call = max(1, CHUNK_BYTES // (q_.shape[0] * w.width * qb[0, 0].nbytes))
                 for c in range(0, w.count, per_call):
                     s = slice(c, c + per_call)
                     gq, gk, gv = _flash_backward(
-                        views.rows(gb, w, b)[:, s], views.rows(qb, w, b)[:, s], views.keys(kb, w, b)[:, s],
-                        views.keys(vb, w, b)[:, s], views.rows(out, w, b)[:, s], views.rows(lse, w, b)[:, s],
-                        0.0, False, attn_mask=mask, scale=scale,
-                    )  # fmt: skip
-                    views.rows(dq, w, b)[:, s].add_(gq)
+                        g_[:, s], q_[:, s], k_[:, s], v_[:, s], o_[:, s], lse_[:, s], 0.0, False, attn_mask=mask, scale=scale
+                    )
+                    dq_[:, s].add_(gq)
                     for j in range(w.width):  # key block r + offset + j of every superrow: one strided view each
                         block = slice(j * bs, (j + 1) * bs)
-                        views.block(dk, w, b, w.offset + j)[:, s].add_(gk[:, :, block])
-                        views.block(dv, w, b, w.offset + j)[:, s].add_(gv[:, :, block])
+                        dk_[j][:, s].add_(gk[:, :, block])
+                        dv_[j][:, s].add_(gv[:, :, block])
         for g in plan.gathers:
             P, rows, keys = len(g.queries), g.queries.flatten(), g.keys.flatten()
             gq, gk, gv = _flash_backward(
