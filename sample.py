@@ -23,24 +23,30 @@ import lightning as L
 import torch
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from sparse_transformer.errors import InputError, run_cli
+from sparse_transformer.data.images import ImageBytes, ImageFiles, check_image, find_images
+from sparse_transformer.errors import InputError, plural, run_cli
 from sparse_transformer.files import write_atomic
+from sparse_transformer.model import ModelConfig
 from sparse_transformer.model.kernels import BACKENDS
-from sparse_transformer.sampling import Sampling, sample
+from sparse_transformer.sampling import Sampling, complete, sample
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.training.resume import read_checkpoint
+
+# Options whose meaning depends on what the checkpoint models; each modality declares those it takes.
+MODALITY_OPTIONS = ("prompt", "prompt_file", "length", "seconds", "complete", "complete_from", "data_root", "scale")
 
 
 def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTransformerLM:
     check_device(device, backend)
     saved = read_checkpoint(ckpt)
     network = saved.get("hyper_parameters", {}).get("network") if isinstance(saved, dict) else None
-    if network is None or "state_dict" not in saved:
+    if not isinstance(network, ModelConfig) or "state_dict" not in saved:
         raise InputError(f"checkpoint {ckpt} is not a Sparse Transformer checkpoint (no model options or weights); train one with train.py")
     overrides = {}
     if backend:
-        is_config = dataclasses.is_dataclass(network)
-        overrides["network"] = dataclasses.replace(network, backend=backend) if is_config else {**network, "backend": backend}
+        if not hasattr(network.attention, "backend"):
+            raise InputError(f"--backend picks a block-sparse kernel; this checkpoint's attention is {network.attention.name!r}")
+        overrides["network"] = dataclasses.replace(network, attention=dataclasses.replace(network.attention, backend=backend))
     try:
         module = SparseTransformerLM.load_from_checkpoint(ckpt, map_location=device, **overrides)
     except RuntimeError as e:  # the weights do not fit the configuration the checkpoint records
@@ -62,17 +68,13 @@ def check_device(device: str, backend: str | None) -> None:
 
 
 def load_datamodule(ckpt: str, root: str | None) -> L.LightningDataModule:
-    """Rebuild the DataModule a checkpoint was trained with, from the hyperparameters Lightning saved."""
-    hparams = dict(read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {})
-    class_path = hparams.get("_class_path")
-    if not class_path:
-        raise InputError(f"checkpoint {ckpt} does not record its DataModule (train it with train.py)")
-    module_name, _, class_name = class_path.rpartition(".")
+    """Rebuild the DataModule a checkpoint was trained with, from the record ``train.py`` keeps in it."""
+    record = read_checkpoint(ckpt).get("data")
+    if not record:
+        raise InputError(f"checkpoint {ckpt} does not record its data (train it with train.py, or give --complete-from)")
+    module_name, _, class_name = record["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if root is not None:
-        kwargs["root"] = root
-    return cls(**kwargs)
+    return cls(**{**record["init_args"], **({"root": root} if root is not None else {})})
 
 
 def spread(count: int, n: int) -> list[int]:
@@ -96,8 +98,6 @@ def validation_images(ckpt: str, root: str | None, n: int) -> torch.Tensor:
 
 def images_from(path: Path, shape: tuple[int, int, int], n: int) -> torch.Tensor:
     """``n`` images ``[n, 1 + N]`` from an image file (repeated) or spread over a folder of them."""
-    from sparse_transformer.data.images import ImageBytes, ImageFiles, check_image, find_images
-
     if path.is_file():
         check_image(path, shape)
         files = [path]
@@ -128,54 +128,68 @@ class Reporter:
                 self.progress.stop()
 
 
-def main(argv: list[str] | None = None) -> list[bytes]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--length", type=int, default=None, help="tokens per sample, any number (default: one context)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw")
+    p.add_argument("--length", type=int, default=None, help="text, audio: tokens per sample, any number (default: one context)")
     p.add_argument("--seconds", type=float, default=None, help="audio: the sample's length in seconds")
-    p.add_argument("--prompt", default=None, help="text to continue (text models; default: a newline)")
-    p.add_argument("--prompt-file", type=Path, default=None, help="text to continue (UTF-8), or audio to continue")
-    p.add_argument("--complete", type=int, default=None, metavar="N", help="image completion of N images")
-    p.add_argument("--complete-from", type=Path, default=None, help="an image or a folder of them to complete "
+    p.add_argument("--prompt", default=None, help="text: what to continue (default: a newline)")
+    p.add_argument("--prompt-file", type=Path, default=None, help="text: a UTF-8 file to continue; audio: a recording to continue")
+    p.add_argument("--complete", type=int, default=None, metavar="N", help="images: complete the bottom half of N images")
+    p.add_argument("--complete-from", type=Path, default=None, help="images: an image or a folder of them to complete "
                    "(default: the checkpoint's validation split)")  # fmt: skip
-    p.add_argument("--data-root", default=None, help="where the validation data is, if not where training read it")
+    p.add_argument("--data-root", default=None, help="images: where the validation data is, if not where training read it")
+    p.add_argument("--scale", type=int, default=None, help="images: screen pixels per image pixel (default: 256 on the short side)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="draw among the k likeliest tokens (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same samples")
     p.add_argument("--slide", type=int, default=None, help="tokens the window moves once the context is full (default: a quarter of it)")
-    p.add_argument("--out", default=None, help="output folder; text is printed without it, other media go to samples/")
+    p.add_argument("--out", default=None, help="output folder (default: text is printed, other media go to samples/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="attention backend (default: the checkpoint's)")
+    p.add_argument("--backend", choices=["auto", *BACKENDS], default=None, help="attention backend (default: the checkpoint's)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the window for every token (slow; for checking)")
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> list[bytes]:
+    args = parser().parse_args(argv)
     if args.num_samples < 1:
         raise InputError(f"--num-samples={args.num_samples} must be >= 1")
     if args.length is not None and args.seconds is not None:
         raise InputError("give --length or --seconds, not both")
+    if args.length is not None and args.length < 1:
+        raise InputError(f"--length={args.length} must be >= 1")
     if args.seconds is not None and not args.seconds > 0:
         raise InputError(f"--seconds={args.seconds} must be > 0")
+    if args.complete is not None and args.complete < 1:
+        raise InputError(f"--complete {args.complete}: give the number of images to complete, at least 1")
+    if args.scale is not None and args.scale < 1:
+        raise InputError(f"--scale={args.scale} must be >= 1")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError(f"--out {args.out} is a file; give a folder for the samples")
     sampling = Sampling(args.temperature, args.top_k, args.seed, not args.no_kv_cache, args.slide)
     module = load_model(args.ckpt, args.device, args.backend)
     modality, model = module.modality, module.model
+    for name in MODALITY_OPTIONS:
+        if getattr(args, name) is not None and name not in modality.options:
+            taken = " ".join(f"--{o.replace('_', '-')}" for o in modality.options)
+            raise InputError(f"--{name.replace('_', '-')} is not an option for a checkpoint of {modality.noun}; it takes {taken}")
     out = Path(args.out) if args.out else (Path(modality.default_out) if modality.default_out else None)
 
     if args.complete is not None:
         if args.complete_from is not None:
-            images = lambda n: images_from(args.complete_from, modality.shape, n)  # noqa: E731
+            originals = images_from(args.complete_from, modality.shape, args.complete)
         else:
-            images = lambda n: validation_images(args.ckpt, args.data_root, n)  # noqa: E731
-        tokens, picture = modality.complete(model, images, args.complete, sampling)
-        write_atomic(out / "completions.png", picture)
+            originals = validation_images(args.ckpt, args.data_root, args.complete)
+        completed = complete(model, originals, modality.top_half, sampling)
+        write_atomic(out / "completions.png", modality.comparison(originals, completed.cpu(), args.scale))
         print(f"wrote {out / 'completions.png'} (each row: corrupted, completed, original)")
-        return [bytes(row.tolist()) for row in tokens]
+        return [bytes(row.tolist()) for row in modality.strip(completed)]
 
-    prompt = modality.first_tokens(args.prompt.encode("utf-8") if args.prompt is not None else None, args.prompt_file)
-    length = args.length if args.seconds is None else round(args.seconds * modality.tokens_per_second())
-    length = modality.sample_length(length, model.seq_len, len(prompt))
+    prompt = modality.prompt(args.prompt, args.prompt_file)
+    length = args.length if args.seconds is None else max(1, round(args.seconds * modality.sample_rate))
+    length = length or modality.default_length(model.seq_len, len(prompt))
     reporter = Reporter(args.num_samples * length) if sys.stderr.isatty() else None
     progress = (lambda done: reporter(done * args.num_samples)) if reporter else None
     tokens = sample(model, modality, args.num_samples, length, sampling, prompt, progress)
@@ -184,9 +198,11 @@ def main(argv: list[str] | None = None) -> list[bytes]:
         for i, text in enumerate(samples):
             print(f"--- sample {i} ---\n{text.decode('utf-8', errors='replace')}")
         return samples
-    for name, data in modality.files(tokens).items():
+    files = modality.files(tokens, args.scale)
+    for name, data in files.items():
         write_atomic(out / name, data)
-    print(f"wrote {len(samples)} samples to {out}")
+    names = ", ".join(files) if len(files) <= 4 else f"{next(iter(files))} ... {list(files)[-1]}"
+    print(f"wrote {plural(len(files), 'file')} to {out}/: {names}")
     return samples
 
 

@@ -3,12 +3,20 @@
     python bench/compare.py --config configs/compare/tiny.yaml
     python bench/compare.py --config configs/compare/tiny.yaml --variants dense performer --out /tmp/cmp.md
 
-The config names a ``train.py`` config (``base``), dotted ``train.py`` options every variant shares
-(``common``: the budget) and the variants, each a set of dotted options on top (``model.network.attention:
-performer``). Every variant runs through the real LightningCLI in a fresh process (same seed, same data),
-so its peak memory is its own; after training it is validated once more on the final weights. The table is
-printed and written as Markdown, with the command that made it, to ``out`` (default
-bench/results/compare-<config>-<device>.md). Checkpoints stay under ``root``/<variant> for sample.py.
+A compare config is made of ``train.py`` configs, composed as ``train.py --config a.yaml --config b.yaml``
+composes them: ``configs`` every variant starts from (the base and the budget), then ``variants``, each the
+overlays on top. An overlay is a config file's path or the same YAML written inline::
+
+    configs: [configs/tiny.yaml, {trainer: {max_steps: 400}}]
+    variants:
+      strided: []
+      performer: [configs/variants/performer.yaml]
+      fixed: [{model: {network: {pattern: {kind: fixed, summary: 8}}}}]
+
+Every variant runs through the real LightningCLI in a fresh process (same seed, same data), so its peak memory
+is its own; after training it is validated once more on the final weights. The table is printed and written as
+Markdown, with the command that made it, to ``out`` (default bench/results/compare-<config>-<device>.md).
+Checkpoints stay under ``root``/<variant> for sample.py.
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from bench.attention import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
 
-CONFIG_KEYS = {"base", "common", "variants", "out", "root"}
+CONFIG_KEYS = {"configs", "variants", "out", "root"}
+Overlay = str | dict[str, Any]  # a train.py config file, or the same YAML inline
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -51,22 +60,29 @@ def load_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or not config.keys() <= CONFIG_KEYS:
         extra = sorted(set(config) - CONFIG_KEYS) if isinstance(config, dict) else config
         raise InputError(f"compare config {path}: unknown keys {extra}; allowed: {', '.join(sorted(CONFIG_KEYS))}")
-    if "base" not in config or not Path(config["base"]).is_file():
-        raise InputError(f"compare config {path}: base train.py config {config.get('base')!r} not found")
     variants = config.get("variants")
     if not isinstance(variants, dict) or not variants:
-        raise InputError(f"compare config {path}: 'variants' must map names to dotted train.py options")
-    for name, options in [("common", config.get("common") or {}), *variants.items()]:
-        if not isinstance(options, dict):
-            raise InputError(f"compare config {path}: {name!r} must map dotted train.py options to values")
+        raise InputError(f"compare config {path}: 'variants' must map names to lists of overlays")
+    for name, overlays in [("configs", config.get("configs")), *variants.items()]:
+        if not isinstance(overlays, list) or not all(isinstance(o, (str, dict)) for o in overlays):
+            raise InputError(f"compare config {path}: {name!r} must be a list of train.py configs (paths or inline YAML)")
+        missing = [o for o in overlays if isinstance(o, str) and not Path(o).is_file()]
+        if missing:
+            raise InputError(f"compare config {path}: {name!r} names {missing[0]!r}, which is not a file")
+    if not config["configs"]:
+        raise InputError(f"compare config {path}: 'configs' must name at least the base train.py config")
     return config
 
 
-def cli_args(options: dict[str, Any]) -> list[str]:
-    """{"model.network.attention": "performer"} -> ["--model.network.attention", "performer"]."""
+def config_args(overlays: list[Overlay], folder: Path) -> list[str]:
+    """``--config`` arguments for ``overlays``; inline ones are written to files in ``folder`` first."""
     args = []
-    for key, value in options.items():
-        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    for i, overlay in enumerate(overlays):
+        if isinstance(overlay, dict):
+            path = folder / f"overlay-{i}.yaml"
+            path.write_text(yaml.safe_dump(overlay))
+            overlay = str(path)
+        args += ["--config", overlay]
     return args
 
 
@@ -124,8 +140,9 @@ def current_rss() -> int:
 
 def run_variant(config: dict[str, Any], name: str, root: Path) -> dict[str, Any]:
     """Train and validate one variant in this process; returns its row."""
-    args = ["--config", config["base"], *cli_args(config.get("common") or {}), *cli_args(config["variants"][name])]
     shutil.rmtree(root / name, ignore_errors=True)  # a rerun replaces the variant's run folder
+    (root / name).mkdir(parents=True)
+    args = config_args([*config["configs"], *config["variants"][name]], root / name)
     cli = train.main([*args, "--trainer.default_root_dir", str(root / name)], run=False)
     meter = Meter()
     cli.trainer.callbacks.append(meter)
@@ -138,7 +155,7 @@ def run_variant(config: dict[str, Any], name: str, root: Path) -> dict[str, Any]
         meter.curve.append({**final, "bits": metrics[f"val_{cli.model.unit}"]})
     return {
         "variant": name,
-        "options": config["variants"][name],
+        "overlays": config["variants"][name],
         "params": cli.model.model.num_params(),
         "val_bpb": metrics["val_bpb"],
         "tokens_per_s": meter.tokens / meter.seconds if meter.seconds else float("nan"),
@@ -165,8 +182,18 @@ def run_in_subprocess(config_path: Path, name: str, root: Path) -> dict[str, Any
         return json.loads(result.read_text())
 
 
-def options_text(options: dict[str, Any]) -> str:
-    return ", ".join(f"{k.removeprefix('model.network.').removeprefix('model.')}={v}" for k, v in options.items()) or "(base)"
+def overlays_text(overlays: list[Overlay]) -> str:
+    """How a table names a variant's overlays: a file by its path, inline YAML as dotted options."""
+    return "; ".join(o if isinstance(o, str) else ", ".join(f"{k}={v}" for k, v in dotted(o).items()) for o in overlays) or "(base)"
+
+
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{model: {network: {d_model: 64}}}`` -> ``{"d_model": 64}``: the leaves, without the model/network/init_args levels."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}." if key not in ("model", "network", "init_args", "data") else prefix
+        out.update(dotted(value, name) if isinstance(value, dict) else {name.removesuffix("."): value})
+    return out
 
 
 def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path, command: str, started: str) -> str:
@@ -178,15 +205,15 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path
         "",
         f"- command: `{command}`",
         f"- date: {started}; torch {torch.__version__}, lightning {L.__version__}",
-        f"- base: `{config['base']}`; common: {options_text(config.get('common') or {})}",
+        f"- every variant starts from: {overlays_text(config['configs'])}",
         f"- every variant: same seed, data and {rows[0]['steps']} training steps, each in its own process",
         "",
-        f"| variant | options | params | val bits/byte | train tokens/s | x {rows[0]['variant']} | {memory} | wall s |",
+        f"| variant | overlays | params | val bits/byte | train tokens/s | x {rows[0]['variant']} | {memory} | wall s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {options_text(r['options'])} | {r['params']:,} | {r['val_bpb']:.3f} | "
+            f"| {r['variant']} | {overlays_text(r['overlays'])} | {r['params']:,} | {r['val_bpb']:.3f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} | {r['peak_mib']:.1f} | "
             f"{r['wall_s']:.1f} |"
         )
@@ -209,7 +236,7 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, required=True, help="compare config: base, common, variants")
+    p.add_argument("--config", type=Path, required=True, help="compare config: configs, variants")
     p.add_argument("--variants", nargs="+", help="run only these variants (default: all, in config order)")
     p.add_argument("--out", type=Path, help="Markdown table (default: the config's out, else bench/results/...)")
     p.add_argument("--root", type=Path, help="run folders, one per variant (default: runs/compare/<config>)")
@@ -234,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     command = shlex.join(["python", "bench/compare.py", *(argv if argv is not None else sys.argv[1:])])
     rows = []
     for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name}: {options_text(config['variants'][name])}", flush=True)
+        print(f"[{i}/{len(names)}] {name}: {overlays_text(config['variants'][name])}", flush=True)
         rows.append(run_in_subprocess(args.config, name, root))
         r = rows[-1]
         print(f"    {r['val_bpb']:.3f} bits/byte, {r['tokens_per_s']:,.0f} tokens/s, {r['wall_s']:.0f} s", flush=True)

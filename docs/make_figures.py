@@ -9,7 +9,7 @@ photos: 16x16 crops of four photographs train ``configs/docs/photos.yaml`` (on t
 crops of a fifth, held out, are completed. speech: thirty sentences in six voices train
 ``configs/docs/speech.yaml`` (on top of audio-tiny.yaml); a held-out sentence in a held-out voice is
 continued from its first half second. A killed run resumes where it stopped (``--ckpt_path last``).
-Figures go to docs/figures/, data to datasets/, runs to runs/docs-*.
+Figures go to docs/figures/, data to data/, runs to runs/*-photos and runs/*-speech.
 """
 
 from __future__ import annotations
@@ -95,14 +95,14 @@ def photos() -> None:
         import skimage.data
     except ImportError as e:
         raise InputError("photos need scikit-image: pip install -e '.[docs]'") from e
-    data, rng = ROOT / "datasets" / "photo-crops", np.random.default_rng(0)
+    data, rng = ROOT / "data" / "photo-crops", np.random.default_rng(0)
     for name in (*TRAIN_PHOTOS, HELD_OUT_PHOTO):
         folder = data / ("held-out" if name == HELD_OUT_PHOTO else "train")
         for i, crop in enumerate(crops(getattr(skimage.data, name)(), 40 if name == HELD_OUT_PHOTO else 1000, rng)):
             write_atomic(folder / f"{name}-{i:04d}.png", png(crop))
     print(f"wrote {len(TRAIN_PHOTOS)} x 1000 training crops and 40 held-out crops ({HELD_OUT_PHOTO}) to {data}")
 
-    ckpt = train(("configs/cifar10-tiny.yaml", "configs/docs/photos.yaml"), ROOT / "runs" / "docs-photos")
+    ckpt = train(("configs/cifar10-tiny.yaml", "configs/docs/photos.yaml"), ROOT / "runs" / "cifar10-tiny-photos")
     out = ckpt.parents[1] / "figures"  # 16x16 pixels a side; the README's copies are larger
     command("sample.py", "--ckpt", str(ckpt.relative_to(ROOT)), "--num-samples", "16", "--out", str(out.relative_to(ROOT)))
     completion = ("--complete", "6", "--complete-from", str((data / "held-out").relative_to(ROOT)))
@@ -124,7 +124,7 @@ def speak(text: str, voice: str, rate: int, path: Path) -> None:
 
 def speech() -> None:
     sentences = [s.strip() + "." for s in " ".join(SENTENCES.split()).split(".") if s.strip()]
-    data = ROOT / "datasets" / "speech"
+    data = ROOT / "data" / "speech"
     for v, (voice, rate) in enumerate(VOICES):
         for i, sentence in enumerate(sentences):
             speak(sentence, voice, rate, data / "train" / f"voice{v}-{i:02d}.wav")
@@ -132,7 +132,7 @@ def speech() -> None:
     speak(text, voice, rate, data / "held-out.wav")
     print(f"wrote {len(sentences)} sentences x {len(VOICES)} voices to {data / 'train'}, and {data / 'held-out.wav'}")
 
-    ckpt = train(("configs/audio-tiny.yaml", "configs/docs/speech.yaml"), ROOT / "runs" / "docs-speech")
+    ckpt = train(("configs/audio-tiny.yaml", "configs/docs/speech.yaml"), ROOT / "runs" / "audio-tiny-speech")
     out = FIGURES / "speech"
     wave, rate = soundfile.read(data / "held-out.wav", dtype="float32")  # espeak-ng speaks at 22,050 Hz
     prompt = io.BytesIO()

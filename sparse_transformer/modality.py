@@ -2,11 +2,12 @@
 
 The model reads byte sequences whatever the data (section 7 of the paper): text as raw bytes, an image in
 raster order with channels interleaved (32x32x3 -> 3072 bytes), audio as 8-bit mu-law codes. A DataModule
-describes its data with one of the :class:`Modality` objects below; ``train.py`` hands its ``spec()`` to the
-LightningModule, which records it in the checkpoint, so ``sample.py`` and ``SampleLogger`` write samples the
-way the data was. Each modality owns what differs between them: its codec, its metric unit, its positional
-shape and default stride, how a sample starts and how long it is, the files and TensorBoard entries a sample
-becomes, and (images) completion.
+describes its data with one of the :class:`Modality` objects below; ``train.py`` links it to the
+LightningModule, which resolves the model's config against it and keeps it in the checkpoint, so
+``sample.py`` and ``SampleLogger`` write samples the way the data was. Each modality owns what differs
+between them: its codec, its metric unit, the defaults it gives the model (stride, positional shape), how a
+sample starts and how long it is, the files and TensorBoard entries a sample becomes, and which of
+``sample.py``'s options it takes.
 
 Images and audio are modelled with a start token at position 0 (batches are ``[B, N + 1]``: START, then the
 N bytes), so every one of the N dims is predicted and bits/dim compare with the paper. Position 0 always
@@ -17,137 +18,102 @@ from __future__ import annotations
 
 import io
 import math
-import wave
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torchaudio.functional as AF
 from torchvision.utils import make_grid, save_image
 
+from sparse_transformer import audio_codec
 from sparse_transformer.errors import InputError
+from sparse_transformer.model.config import ModelConfig
+from sparse_transformer.model.patterns import sqrt_stride
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from sparse_transformer.model import SparseTransformer
-    from sparse_transformer.sampling import Sampling
-
 START = 0  # the token before the first byte of an image or audio window
-MU_LAW_CHANNELS = 256  # 8-bit mu-law, mu = 255
+MIN_PICTURE = 256  # pixels on the short side of a picture a person is shown: grids are scaled up to it
 
 
 class Modality:
     """What a DataModule's byte sequences are. Subclasses: :class:`Text`, :class:`Image`, :class:`Audio`."""
 
-    kind: ClassVar[str]  # the name a spec records
     noun: ClassVar[str]  # how messages name the data ("this checkpoint models images")
     unit: ClassVar[str] = "bpd"  # metric suffix: bits per dim, as image and audio papers report
     start: ClassVar[tuple[int, ...]] = (START,)  # tokens before the data in every window
     default_out: ClassVar[str | None] = "samples"  # sample.py's folder when --out is not given (None: print)
+    options: ClassVar[tuple[str, ...]] = ()  # the sample.py options a checkpoint of this modality takes
 
-    def spec(self) -> dict[str, Any]:
-        """The plain dict a checkpoint records; :meth:`from_spec` turns it back into the object."""
-        return {"kind": self.kind}
-
-    @staticmethod
-    def from_spec(spec: dict[str, Any] | None) -> Modality:
-        if spec is None:
-            return Text()
-        kinds = {cls.kind: cls for cls in (Text, Image, Audio)}
-        options = {k: v for k, v in spec.items() if k != "kind"}
-        if spec.get("kind") not in kinds:
-            raise InputError(f"modality {spec.get('kind')!r} is not one of {', '.join(kinds)}")
-        try:
-            return kinds[spec["kind"]](**options)
-        except TypeError as e:
-            raise InputError(f"modality spec {spec} does not describe {spec['kind']} data ({e})") from e
+    def resolve(self, config: ModelConfig) -> ModelConfig:
+        """``config`` for this data: the stride and positional axes it leaves out follow from the data."""
+        n, pattern = config.context, config.pattern
+        stride = pattern.stride
+        if pattern.needs_stride and stride is None:
+            stride = self.default_stride(n, pattern.block_size)
+        return config.resolve(stride, self.positions(n, stride), source=self.noun)
 
     def default_stride(self, seq_len: int, block_size: int) -> int:
-        """The pattern's stride when the config leaves it out: l ~ sqrt(N) in whole blocks (section 4.2)."""
-        return max(block_size, round(math.sqrt(seq_len) / block_size) * block_size)
+        """The pattern's stride when the config leaves it out: the model's own default, l ~ sqrt(N) (section 4.2)."""
+        return sqrt_stride(seq_len, block_size)
 
-    def positions(self, seq_len: int, stride: int | None) -> tuple[int, ...]:
-        """Axes of the factorized positional embedding when the config leaves them out: 1-D here."""
-        return (seq_len,)
+    def positions(self, seq_len: int, stride: int | None) -> tuple[int, ...] | None:
+        """Axes of the factorized positional embedding when the config leaves them out (None: 1-D)."""
+        return None
 
-    def first_tokens(self, prompt: bytes | None = None, prompt_file: Path | None = None) -> list[int]:
-        """What every sample starts from: the start token (a text prompt is for text models only)."""
-        if prompt is not None:
-            raise InputError(f"--prompt is for text models; this checkpoint models {self.noun}")
-        if prompt_file is not None:
-            raise InputError(f"--prompt-file is for text and audio models; this checkpoint models {self.noun}")
+    def prompt(self, text: str | None = None, file: Path | None = None) -> list[int]:
+        """The tokens every sample starts from."""
         return list(self.start)
 
-    def sample_length(self, length: int | None, seq_len: int, prompt_len: int) -> int:
-        """Tokens to generate for a request of ``length``, any number (None: ``default_length``)."""
-        length = self.default_length(seq_len) if length is None else length
-        if length < 1:
-            raise InputError(f"--length={length} must be >= 1")
-        return length
-
-    def default_length(self, seq_len: int) -> int:
-        """A sample's length when none is asked for: one context."""
+    def default_length(self, seq_len: int, prompt_len: int) -> int:
+        """Tokens to generate when no length is asked for: one context."""
         return seq_len
-
-    def tokens_per_second(self) -> int:
-        """For ``--seconds``: audio only."""
-        raise InputError(f"--seconds is for audio models; this checkpoint models {self.noun} (give --length)")
 
     def strip(self, tokens: torch.Tensor) -> torch.Tensor:
         """Generated ``[S, T]`` -> the data it stands for: the start token removed."""
         return tokens[:, len(self.start) :]
 
-    def files(self, tokens: torch.Tensor) -> dict[str, bytes]:
-        """Samples ``[S, N]`` (start token removed) -> file name -> contents."""
+    def files(self, tokens: torch.Tensor, scale: int | None = None) -> dict[str, bytes]:
+        """Samples ``[S, N]`` (start token removed) -> file name -> contents; pictures with ``scale`` x ``scale``
+        screen pixels per pixel (default: big enough to see, :func:`image_grid`)."""
         raise NotImplementedError
 
     def log(self, writer: SummaryWriter, tokens: torch.Tensor, step: int) -> None:
         """Samples ``[S, N]`` to TensorBoard."""
         raise NotImplementedError
 
-    def complete(
-        self, model: SparseTransformer, originals: Callable[[int], torch.Tensor], n: int, sampling: Sampling
-    ) -> tuple[torch.Tensor, bytes]:
-        """Complete ``n`` examples read by ``originals(n)`` (``[n, 1 + N]``); returns them and a picture."""
-        raise InputError(f"--complete needs an image checkpoint; this one models {self.noun}")
-
 
 @dataclass(frozen=True)
 class Text(Modality):
     """Raw bytes, continued from a prompt; metrics in bits per byte."""
 
-    kind: ClassVar[str] = "text"
     noun: ClassVar[str] = "text"
     unit: ClassVar[str] = "bpb"
     start: ClassVar[tuple[int, ...]] = ()
     default_out: ClassVar[str | None] = None
+    options: ClassVar[tuple[str, ...]] = ("prompt", "prompt_file", "length")
 
-    def first_tokens(self, prompt: bytes | None = None, prompt_file: Path | None = None) -> list[int]:
-        """The prompt's bytes (default: a newline), kept at the start of the sample; from a UTF-8 file with
-        ``prompt_file``."""
-        if prompt is not None and prompt_file is not None:
+    def prompt(self, text: str | None = None, file: Path | None = None) -> list[int]:
+        """The prompt's bytes (default: a newline), kept at the start of the sample; from a UTF-8 file with ``file``."""
+        if text is not None and file is not None:
             raise InputError("give --prompt or --prompt-file, not both")
-        if prompt_file is not None:
-            prompt = read_prompt(prompt_file)
+        if file is not None:
+            data = read_prompt(file)
             try:
-                prompt.decode("utf-8")
+                text = data.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"--prompt-file {prompt_file} is not UTF-8 text (byte {e.start}); give a text file") from e
-        prompt = b"\n" if prompt is None else prompt
-        if not prompt:
+                raise InputError(f"--prompt-file {file} is not UTF-8 text (byte {e.start}); give a text file") from e
+        text = "\n" if text is None else text
+        if not text:
             raise InputError("the prompt is empty; give at least one character (the default is a newline)")
-        return list(prompt)
+        return list(text.encode("utf-8"))
 
-    def sample_length(self, length: int | None, seq_len: int, prompt_len: int) -> int:
-        """Default: fill the context after the prompt, or one context more after a prompt that fills it."""
-        if length is None:
-            return seq_len + 1 - prompt_len if prompt_len <= seq_len else seq_len
-        return super().sample_length(length, seq_len, prompt_len)
+    def default_length(self, seq_len: int, prompt_len: int) -> int:
+        """Fill the context after the prompt, or one context more after a prompt that fills it."""
+        return seq_len + 1 - prompt_len if prompt_len <= seq_len else seq_len
 
-    def files(self, tokens: torch.Tensor) -> dict[str, bytes]:
+    def files(self, tokens: torch.Tensor, scale: int | None = None) -> dict[str, bytes]:
         return {f"sample_{i}.txt": bytes(row.tolist()) for i, row in enumerate(tokens)}
 
     def log(self, writer: SummaryWriter, tokens: torch.Tensor, step: int) -> None:
@@ -161,14 +127,11 @@ class Image(Modality):
     """Images of ``shape`` (rows, cols, channels) as bytes in raster order, channels interleaved."""
 
     shape: tuple[int, int, int]
-    kind: ClassVar[str] = "image"
     noun: ClassVar[str] = "images"
+    options: ClassVar[tuple[str, ...]] = ("complete", "complete_from", "data_root", "scale")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "shape": list(self.shape)}
 
     def default_stride(self, seq_len: int, block_size: int) -> int:
         """One row (cols x channels): "attend to the row, then the column" (section 4.2)."""
@@ -178,10 +141,11 @@ class Image(Modality):
         """(row, column, channel): one small table per axis (section 5.1)."""
         return self.shape
 
-    def sample_length(self, length: int | None, seq_len: int, prompt_len: int) -> int:
-        if length not in (None, seq_len):
-            raise InputError(f"--length={length}: an image sample has {seq_len} tokens, one whole image")
-        return seq_len
+    @property
+    def top_half(self) -> int:
+        """Tokens of a window up to the middle row: the start token and the top rows, what completion keeps."""
+        rows, cols, channels = self.shape
+        return len(self.start) + (rows // 2) * cols * channels
 
     @staticmethod
     def to_tokens(image: torch.Tensor) -> torch.Tensor:
@@ -192,91 +156,55 @@ class Image(Modality):
         """``(B, H * W * C)`` bytes -> ``(B, C, H, W)`` uint8, the layout torchvision writes."""
         return tokens.to(torch.uint8).reshape(-1, *self.shape).permute(0, 3, 1, 2)
 
-    def files(self, tokens: torch.Tensor) -> dict[str, bytes]:
-        return {"samples.png": png_bytes(self.to_images(tokens))}
+    def files(self, tokens: torch.Tensor, scale: int | None = None) -> dict[str, bytes]:
+        return {"samples.png": png_bytes(self.to_images(tokens), scale=scale)}
 
     def log(self, writer: SummaryWriter, tokens: torch.Tensor, step: int) -> None:
         writer.add_image("samples", image_grid(self.to_images(tokens)), step)
 
-    def complete(
-        self, model: SparseTransformer, originals: Callable[[int], torch.Tensor], n: int, sampling: Sampling
-    ) -> tuple[torch.Tensor, bytes]:
-        """Prime with the top half of each of ``n`` images and generate the rest; returns the completed images
-        ``[n, N]`` and a PNG grid whose rows are corrupted / completed / original."""
-        from sparse_transformer.sampling import generate
-
-        if n < 1:
-            raise InputError(f"--complete {n}: give the number of images to complete, at least 1")
-        originals = originals(n).to(model.head.weight.device)  # (n, 1 + N)
-        rows, cols, channels = self.shape
-        primed = len(self.start) + (rows // 2) * cols * channels  # start token + the top rows
-        completed = generate(model, originals[:, :primed], originals.shape[1] - primed, sampling)
+    def comparison(self, originals: torch.Tensor, completed: torch.Tensor, scale: int | None = None) -> bytes:
+        """Windows ``[n, 1 + N]`` before and after completion as one PNG whose rows are corrupted (the part the
+        model did not see in mid grey) / completed / original."""
         corrupted = originals.clone()
-        corrupted[:, primed:] = 128  # the part the model did not see, in mid grey
+        corrupted[:, self.top_half :] = 128
         triples = self.strip(torch.stack([corrupted, completed, originals], dim=1).flatten(0, 1))  # (3n, N)
-        return self.strip(completed), png_bytes(self.to_images(triples), nrow=3)
+        return png_bytes(self.to_images(triples), nrow=3, scale=scale)
 
 
 @dataclass(frozen=True)
 class Audio(Modality):
-    """Mono audio at ``sample_rate`` as 8-bit mu-law codes, one byte per step."""
+    """Mono audio at ``sample_rate`` as 8-bit mu-law codes, one byte per step (``audio_codec.py``)."""
 
     sample_rate: int
-    kind: ClassVar[str] = "audio"
     noun: ClassVar[str] = "audio"
+    options: ClassVar[tuple[str, ...]] = ("prompt_file", "length", "seconds")
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "sample_rate": self.sample_rate}
-
-    def positions(self, seq_len: int, stride: int | None) -> tuple[int, ...]:
+    def positions(self, seq_len: int, stride: int | None) -> tuple[int, ...] | None:
         """(row, column) of a matrix as wide as the stride, as the paper embeds audio (section 5.1)."""
-        return (seq_len // stride, stride) if stride and seq_len % stride == 0 else (seq_len,)
+        return (seq_len // stride, stride) if stride and seq_len % stride == 0 else None
 
-    def first_tokens(self, prompt: bytes | None = None, prompt_file: Path | None = None) -> list[int]:
-        """The start token, then the recording in ``prompt_file`` to continue (any file the audio DataModule
-        reads, mixed to mono and resampled to the model's rate)."""
-        tokens = super().first_tokens(prompt)
-        if prompt_file is None:
-            return tokens
-        from sparse_transformer.data.audio import load_mu_law
+    def prompt(self, text: str | None = None, file: Path | None = None) -> list[int]:
+        """The start token, then the recording in ``file`` to continue (any file the audio DataModule reads,
+        mixed to mono and resampled to the model's rate)."""
+        if file is None:
+            return list(self.start)
+        check_prompt_file(file)
+        return list(self.start) + audio_codec.read_codes(file, self.sample_rate).tolist()
 
-        check_prompt_file(prompt_file)
-        return tokens + load_mu_law(Path(prompt_file), self.sample_rate).tolist()
-
-    def default_length(self, seq_len: int) -> int:
+    def default_length(self, seq_len: int, prompt_len: int) -> int:
         """One context, and at least one second: shorter is too short to hear."""
         return max(seq_len, self.sample_rate)
 
-    def tokens_per_second(self) -> int:
-        return self.sample_rate
-
-    @staticmethod
-    def to_tokens(waveform: torch.Tensor) -> torch.Tensor:
-        """Waveform in [-1, 1] -> 8-bit mu-law codes (uint8)."""
-        return AF.mu_law_encoding(waveform.clamp(-1, 1), MU_LAW_CHANNELS).to(torch.uint8)
-
-    @staticmethod
-    def to_waveform(codes: torch.Tensor) -> torch.Tensor:
-        """8-bit mu-law codes -> waveform in [-1, 1] (float32)."""
-        return AF.mu_law_decoding(codes.long(), MU_LAW_CHANNELS).float()
-
-    def wav_bytes(self, codes: torch.Tensor) -> bytes:
-        """``(T,)`` mu-law codes as a 16-bit mono WAV file."""
-        pcm = (self.to_waveform(codes.cpu()).numpy() * 32767).round().astype("<i2")
-        buffer = io.BytesIO()
-        with wave.open(buffer, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(self.sample_rate)
-            w.writeframes(pcm.tobytes())
-        return buffer.getvalue()
-
-    def files(self, tokens: torch.Tensor) -> dict[str, bytes]:
-        return {f"sample_{i}.wav": self.wav_bytes(row) for i, row in enumerate(tokens)}
+    def files(self, tokens: torch.Tensor, scale: int | None = None) -> dict[str, bytes]:
+        return {f"sample_{i}.wav": audio_codec.wav_bytes(row, self.sample_rate) for i, row in enumerate(tokens)}
 
     def log(self, writer: SummaryWriter, tokens: torch.Tensor, step: int) -> None:
         for i, row in enumerate(tokens):
-            writer.add_audio(f"samples/{i}", self.to_waveform(row)[None], step, sample_rate=self.sample_rate)
+            writer.add_audio(f"samples/{i}", audio_codec.decode(row)[None], step, sample_rate=self.sample_rate)
+
+
+# Checkpoints carry the modality; let torch.load(weights_only=True) rebuild it.
+torch.serialization.add_safe_globals([Text, Image, Audio])
 
 
 def check_prompt_file(path: Path) -> None:
@@ -297,14 +225,17 @@ def read_prompt(path: Path) -> bytes:
         raise InputError(f"--prompt-file {path} cannot be read ({e.strerror})") from e
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """``(B, C, H, W)`` uint8 images -> one ``(3, H', W')`` float grid, ``nrow`` images per row (default: square)."""
+def image_grid(images: torch.Tensor, nrow: int | None = None, scale: int | None = None) -> torch.Tensor:
+    """``(B, C, H, W)`` uint8 images -> one ``(3, H', W')`` float grid, ``nrow`` images per row (default: square),
+    each pixel ``scale`` x ``scale`` (default: enough for ``MIN_PICTURE`` pixels on the grid's short side)."""
     nrow = nrow or math.ceil(math.sqrt(len(images)))
-    return make_grid(images.float() / 255, nrow=nrow, padding=1, pad_value=1.0)
+    grid = make_grid(images.float() / 255, nrow=nrow, padding=1, pad_value=1.0)  # (3, H', W')
+    scale = scale or math.ceil(MIN_PICTURE / min(grid.shape[1:]))
+    return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)  # nearest neighbour: pixels stay pixels
 
 
-def png_bytes(images: torch.Tensor, nrow: int | None = None) -> bytes:
-    """``(B, C, H, W)`` uint8 images as one PNG grid."""
+def png_bytes(images: torch.Tensor, nrow: int | None = None, scale: int | None = None) -> bytes:
+    """``(B, C, H, W)`` uint8 images as one PNG grid (see :func:`image_grid`)."""
     buffer = io.BytesIO()
-    save_image(image_grid(images, nrow), buffer, format="png")
+    save_image(image_grid(images, nrow, scale), buffer, format="png")
     return buffer.getvalue()

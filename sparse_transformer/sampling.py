@@ -112,9 +112,18 @@ def sample(
 ) -> torch.Tensor:
     """``num_samples`` samples ``[S, T]`` as the modality's data, each starting from ``prompt`` (default: the
     modality's first tokens); a text prompt is kept in the output, the start token of images and audio is not."""
-    first = modality.first_tokens(None) if prompt is None else prompt
+    first = modality.prompt() if prompt is None else prompt
     start = torch.tensor(first, device=model.head.weight.device).repeat(num_samples, 1)  # (S, T0)
     return modality.strip(generate(model, start, length, sampling, progress))
+
+
+def complete(model: SparseTransformer, originals: torch.Tensor, kept: int, sampling: Sampling = Sampling()) -> torch.Tensor:
+    """``originals`` ``[n, T]`` with all but their first ``kept`` tokens generated anew: image completion keeps
+    the top half of each image and draws the rest. Returns ``[n, T]``."""
+    if len(originals) < 1:
+        raise InputError("nothing to complete: give at least one image")
+    originals = originals.to(model.head.weight.device)
+    return generate(model, originals[:, :kept], originals.shape[1] - kept, sampling)
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:

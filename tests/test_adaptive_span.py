@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.model import ModelConfig, SparseTransformer
-from sparse_transformer.model.attention.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig, ramp_mask
+from sparse_transformer.model import AdaptiveSpan, ModelConfig, Sparse, SparseTransformer
+from sparse_transformer.model.attention.adaptive_span import AdaptiveSpanAttention, ramp_mask
 from sparse_transformer.model.attention.sparse import SparseAttention
 from sparse_transformer.model.patterns import AttentionPattern, element_mask
 from sparse_transformer.training.lightning_module import SparseTransformerLM
@@ -18,8 +18,8 @@ STRIDED = AttentionPattern("strided", block_size=4, stride=8, heads="split")
 
 def span_attention(spans: list[float], max_span: int = 64, ramp: int = 4, chunk: int = 8, n: int = 48) -> AdaptiveSpanAttention:
     torch.manual_seed(0)
-    config = AdaptiveSpanConfig(max_span=max_span, ramp=ramp, chunk_size=chunk)
-    network = ModelConfig(d_model=16, n_heads=len(spans), pattern=STRIDED, attention="adaptive_span", adaptive_span=config)
+    config = AdaptiveSpan(max_span=max_span, ramp=ramp, chunk_size=chunk)
+    network = ModelConfig(d_model=16, n_heads=len(spans), pattern=STRIDED, attention=config)
     attn = AdaptiveSpanAttention(network, n, layer=0)
     with torch.no_grad():
         attn.span_fraction.copy_(torch.tensor(spans) / max_span)
@@ -75,7 +75,7 @@ def test_cost_falls_with_the_span():
 def test_full_span_is_the_sparse_pattern():
     n = 32
     attn = span_attention([n, n], max_span=n, n=n)
-    sparse = SparseAttention(ModelConfig(d_model=16, n_heads=2, pattern=STRIDED, backend="reference"), n, layer=0)
+    sparse = SparseAttention(ModelConfig(d_model=16, n_heads=2, pattern=STRIDED, attention=Sparse(backend="reference")), n, layer=0)
     sparse.load_state_dict(attn.state_dict(), strict=False)
     x = torch.randn(2, n, 16)
     with torch.no_grad():
@@ -95,9 +95,9 @@ def test_causal():
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 def test_penalty_is_added_to_the_training_loss_and_spans_are_logged():
     torch.manual_seed(0)
-    config = AdaptiveSpanConfig(max_span=32, ramp=4, init=0.25, penalty=0.01)
+    config = AdaptiveSpan(max_span=32, ramp=4, init=0.25, penalty=0.01)
     lm = SparseTransformerLM(
-        ModelConfig(seq_len=32, d_model=16, n_layers=2, n_heads=2, pattern=STRIDED, attention="adaptive_span", adaptive_span=config)
+        ModelConfig(seq_len=32, d_model=16, n_layers=2, n_heads=2, pattern=STRIDED, attention=config)
     )
     batch = torch.randint(0, 256, (2, 33))
     assert lm.model.auxiliary_loss().item() == pytest.approx(2 * 0.01 * 8.0)  # 2 layers, mean span 0.25 * 32
@@ -107,7 +107,7 @@ def test_penalty_is_added_to_the_training_loss_and_spans_are_logged():
 
 
 def test_spans_return_to_range_before_each_step():
-    model = SparseTransformer(ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=STRIDED, attention="adaptive_span"))
+    model = SparseTransformer(ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=STRIDED, attention=AdaptiveSpan()))
     attn = model.blocks[0].attn
     with torch.no_grad():
         attn.span_fraction.copy_(torch.tensor([-0.5, 1.5]))
@@ -125,9 +125,5 @@ def test_spans_return_to_range_before_each_step():
 )
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(InputError, match=message):
-        AdaptiveSpanConfig(**kwargs)
+        AdaptiveSpan(**kwargs)
 
-
-def test_backend_is_refused_as_unused():
-    with pytest.raises(InputError, match="backend='blocks' picks a block-sparse kernel, which attention='adaptive_span'"):
-        ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=STRIDED, attention="adaptive_span", backend="blocks")

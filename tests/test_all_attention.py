@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.model import AttentionPattern, Block, ModelConfig, SparseTransformer
+from sparse_transformer.model import AttentionPattern, Block, HourglassConfig, ModelConfig, Sparse, SparseTransformer
 from sparse_transformer.model.attention.persistent_memory import PersistentMemory, memory_layout
-from sparse_transformer.model.hourglass import HourglassConfig
 from sparse_transformer.model.kernels import get_backend
 from sparse_transformer.model.kernels.checks import check_layout
 from sparse_transformer.model.patterns import element_mask
 
 
 def memory_of(pattern: AttentionPattern, heads: int, head_dim: int, size: int, layout: torch.Tensor) -> PersistentMemory:
-    config = ModelConfig(d_model=heads * head_dim, n_heads=heads, pattern=pattern, persistent_memory=size)
+    config = ModelConfig(d_model=heads * head_dim, n_heads=heads, pattern=pattern, attention=Sparse(persistent_memory=size))
     return PersistentMemory(config, layout)
 
 PATTERNS = [
@@ -95,14 +94,14 @@ def test_flex_backend_forward_matches_too():
 )
 def test_bad_memory_size_is_refused(value, message):
     with pytest.raises(InputError, match=message):
-        ModelConfig(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=AttentionPattern(block_size=8), persistent_memory=value)
+        ModelConfig(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=AttentionPattern(block_size=8), attention=Sparse(persistent_memory=value))
 
 
 def test_block_without_ffn_has_the_expected_parameters():
     C, H, M = 32, 2, 16
-    config = ModelConfig(d_model=C, n_heads=H, pattern=AttentionPattern(block_size=8), backend="reference")
+    config = ModelConfig(d_model=C, n_heads=H, pattern=AttentionPattern(block_size=8), attention=Sparse(backend="reference"))
     plain = Block(config, seq_len=64, layer=0)
-    block = Block(dataclasses.replace(config, persistent_memory=M), seq_len=64, layer=0)
+    block = Block(dataclasses.replace(config, attention=Sparse("reference", persistent_memory=M)), seq_len=64, layer=0)
     assert block.mlp is None and block.norm2 is None
     attention = 3 * C * C + 3 * C + C * C + C  # qkv and proj with biases
     memory = 2 * H * M * (C // H)  # keys and values: M vectors of d_head per head
@@ -116,7 +115,7 @@ def test_block_without_ffn_has_the_expected_parameters():
 def test_residual_init_counts_one_branch_per_all_attention_block():
     torch.manual_seed(0)
     pattern = AttentionPattern(block_size=8)
-    model = SparseTransformer(ModelConfig(seq_len=64, d_model=256, n_layers=4, n_heads=4, pattern=pattern, persistent_memory=8))
+    model = SparseTransformer(ModelConfig(seq_len=64, d_model=256, n_layers=4, n_heads=4, pattern=pattern, attention=Sparse(persistent_memory=8)))
     std = torch.cat([b.attn.proj.weight.flatten() for b in model.blocks]).std().item()
     assert abs(std - 0.02 / math.sqrt(4)) < 0.001
 
@@ -125,7 +124,7 @@ def test_all_attention_model_trains_without_ffn():
     """A tiny all-attention model learns to continue a fixed byte string; its memory is trained too."""
     torch.manual_seed(0)
     pattern = AttentionPattern("strided", block_size=8, stride=16, heads="split")
-    config = ModelConfig(seq_len=32, d_model=32, n_layers=2, n_heads=2, pattern=pattern, backend="blocks", persistent_memory=8)
+    config = ModelConfig(seq_len=32, d_model=32, n_layers=2, n_heads=2, pattern=pattern, attention=Sparse("blocks", persistent_memory=8))
     model = SparseTransformer(config)
     data = torch.randint(0, 256, (4, 33))
     before = model.blocks[0].attn.memory.keys.detach().clone()
@@ -145,7 +144,7 @@ def test_memory_in_an_hourglass_gives_the_same_logits_on_every_backend():
     torch.manual_seed(0)
     pattern = AttentionPattern("fixed", block_size=16, stride=32, summary=16, heads="split")
     hourglass = HourglassConfig("1@1 1@2 1@1")
-    config = ModelConfig(seq_len=64, d_model=32, n_layers=3, n_heads=2, pattern=pattern, persistent_memory=16, hourglass=hourglass)
+    config = ModelConfig(seq_len=64, d_model=32, n_layers=3, n_heads=2, pattern=pattern, attention=Sparse(persistent_memory=16), hourglass=hourglass)
     model = SparseTransformer(config)
     x = torch.randint(0, 256, (2, 50))
     logits = {}

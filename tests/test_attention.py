@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_transformer.model import ModelConfig
+from sparse_transformer.model import ModelConfig, Sparse
 from sparse_transformer.model.attention.sparse import SparseAttention
 from sparse_transformer.model.config import ConfigError
 from sparse_transformer.model.kernels import get_backend
@@ -50,7 +50,7 @@ def test_reference_sparse_equals_explicit_masked_softmax():
 def test_outputs_never_depend_on_the_future(pattern, backend):
     torch.manual_seed(0)
     n, t = 32, 13
-    attn = SparseAttention(ModelConfig(d_model=16, n_heads=2, pattern=pattern, backend=backend), n, layer=1)
+    attn = SparseAttention(ModelConfig(d_model=16, n_heads=2, pattern=pattern, attention=Sparse(backend)), n, layer=1)
     x = torch.randn(2, n, 16)
     x2 = x.clone()
     x2[:, t + 1 :] = torch.randn(2, n - t - 1, 16)
@@ -63,4 +63,4 @@ def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="attention backend 'cudnn' is not one of auto, triton"):
         get_backend("cudnn", torch.device("cpu"))
     with pytest.raises(ConfigError, match="attention backend 'cudnn' is not one of"):
-        ModelConfig(d_model=16, n_heads=2, backend="cudnn")
+        Sparse(backend="cudnn")

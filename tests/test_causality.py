@@ -9,32 +9,28 @@ its model arguments to ATTENTION; a new architecture option, to ARCHITECTURES.
 import pytest
 import torch
 
-from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
-from sparse_transformer.model.attention import AdaptiveSpanConfig
-from sparse_transformer.model.hourglass import HourglassConfig
+from sparse_transformer.model import AdaptiveSpan, AttentionPattern, HourglassConfig, ModelConfig, Performer, Sparse, SparseTransformer
 
 SEQ_LEN = 48
 POSITIONS = [0, 1, 2, 3, 5, 6, 7, 11, 12, 13, 17, 18, 23, 24, 29, 35, 36, 46, 47]
 
-# name -> ModelConfig options that select the attention kind.
+# name -> the attention kind, for a block-sparse backend (only sparse attention has backends to choose)
 ATTENTION = {
-    "sparse": {},
-    "performer": dict(attention="performer"),
-    "adaptive_span": dict(
-        attention="adaptive_span", adaptive_span=AdaptiveSpanConfig(max_span=32, ramp=4, init=0.5, chunk_size=16)
-    ),
+    "sparse": lambda backend: Sparse(backend),
+    "memory": lambda backend: Sparse(backend, persistent_memory=8),
+    "performer": lambda backend: Performer(),
+    "adaptive_span": lambda backend: AdaptiveSpan(max_span=32, ramp=4, init=0.5, chunk_size=16),
 }
 
 # name -> ModelConfig options of an architecture option (with the n_layers they imply).
 ARCHITECTURES = {
     "plain": dict(n_layers=2),
-    "memory": dict(n_layers=2, persistent_memory=8),
     "hourglass": dict(n_layers=4, hourglass=HourglassConfig("1@1 2@3 1@1")),
     "hourglass-nested-avg-repeat": dict(
         n_layers=5, hourglass=HourglassConfig("1@1 1@2 1@6 1@2 1@1", pooling="avg", upsampling="repeat")
     ),
     "hourglass-attention-resampling": dict(n_layers=3, hourglass=HourglassConfig("1@1 1@3 1@1", attention_resampling=True)),
-    "hourglass-memory": dict(n_layers=5, persistent_memory=8, hourglass=HourglassConfig("1@1 1@2 1@6 1@2 1@1")),
+    "hourglass-deep": dict(n_layers=5, hourglass=HourglassConfig("1@1 1@2 1@6 1@2 1@1")),
 }
 
 PATTERNS = {
@@ -46,15 +42,13 @@ PATTERNS = {
 
 
 def cases() -> list[tuple[str, str, str, str]]:
-    """Every combination the model accepts: Performer is dense only, persistent memory needs sparse
-    attention, and only sparse attention has block-sparse backends to choose."""
+    """Every combination the model accepts: Performer is dense only, and only sparse attention (with or
+    without persistent memory) has block-sparse backends to choose."""
     out = []
     for attention in ATTENTION:
-        for architecture, arch in ARCHITECTURES.items():
-            if attention != "sparse" and arch.get("persistent_memory"):
-                continue
+        for architecture in ARCHITECTURES:
             for pattern in PATTERNS if attention != "performer" else ["dense"]:
-                for backend in ["reference", "blocks", "pieces"] if attention == "sparse" else ["auto"]:
+                for backend in ["reference", "blocks", "pieces"] if attention in ("sparse", "memory") else ["auto"]:
                     out.append((attention, architecture, pattern, backend))
     return out
 
@@ -62,8 +56,8 @@ def cases() -> list[tuple[str, str, str, str]]:
 @pytest.mark.parametrize("attention,architecture,pattern,backend", cases())
 def test_outputs_before_t_never_depend_on_position_t(attention, architecture, pattern, backend):
     torch.manual_seed(0)
-    args = dict(seq_len=SEQ_LEN, d_model=32, n_heads=2, pattern=PATTERNS[pattern], backend=backend)
-    model = SparseTransformer(ModelConfig(**args, **ATTENTION[attention], **ARCHITECTURES[architecture])).eval()
+    args = dict(seq_len=SEQ_LEN, d_model=32, n_heads=2, pattern=PATTERNS[pattern], attention=ATTENTION[attention](backend))
+    model = SparseTransformer(ModelConfig(**args, **ARCHITECTURES[architecture])).eval()
     x = torch.randint(0, 256, (1, SEQ_LEN))
     batch = x.repeat(len(POSITIONS) + 1, 1)  # row 0 unchanged, row r + 1 changed at POSITIONS[r]
     for r, t in enumerate(POSITIONS):

@@ -10,6 +10,9 @@ from PIL import Image
 
 import train
 from commands import ROOT, one_error_line, run
+from sparse_transformer.audio_codec import decode, read_codes
+from sparse_transformer.modality import Audio
+from sparse_transformer.modality import Image as ImageModality
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +50,13 @@ def audio_ckpt(tmp_path_factory) -> Path:
 
 def test_image_training_logs_bits_per_dim_and_samples(image_ckpt):
     state = torch.load(image_ckpt, map_location="cpu", weights_only=True)
-    assert state["hyper_parameters"]["modality"] == {"kind": "image", "shape": [8, 8, 3]}
-    assert state["hyper_parameters"]["network"]["seq_len"] == 192
+    assert state["hyper_parameters"]["modality"] == ImageModality((8, 8, 3))
+    assert state["hyper_parameters"]["network"].seq_len == 192
     (checkpointing,) = [v for k, v in state["callbacks"].items() if k.startswith("RunCheckpoint")]
     assert checkpointing["monitor"] == "val_bpd" and 0 < float(checkpointing["best_model_score"]) < 9
     run = image_ckpt.parents[1]
     (grid,) = run.glob("samples/step=*/samples.png")  # SampleLogger: 2 samples, one row
-    assert Image.open(grid).size == (2 * 9 + 1, 9 + 1)
+    assert Image.open(grid).size == (26 * (2 * 9 + 1), 26 * (9 + 1))  # scaled up to 256 pixels on the short side
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard" / "version_0")).Reload()
@@ -61,7 +64,7 @@ def test_image_training_logs_bits_per_dim_and_samples(image_ckpt):
 
 
 def test_sample_writes_a_png_grid_reproducibly(image_ckpt, tmp_path):
-    args = ["sample.py", "--ckpt", str(image_ckpt), "--num-samples", "4", "--seed", "3"]
+    args = ["sample.py", "--ckpt", str(image_ckpt), "--num-samples", "4", "--seed", "3", "--scale", "1"]
     for out in ("a", "b"):
         result = run(*args, "--out", str(tmp_path / out))
         assert result.returncode == 0, result.stderr[-3000:]
@@ -71,7 +74,7 @@ def test_sample_writes_a_png_grid_reproducibly(image_ckpt, tmp_path):
 
 
 def test_completion_keeps_the_top_half(image_ckpt, images, tmp_path):
-    result = run("sample.py", "--ckpt", str(image_ckpt), "--complete", "2", "--out", str(tmp_path))
+    result = run("sample.py", "--ckpt", str(image_ckpt), "--complete", "2", "--scale", "1", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     grid = np.asarray(Image.open(tmp_path / "completions.png").convert("RGB"))
     assert grid.shape == (2 * 9 + 1, 3 * 9 + 1, 3)  # rows: images; columns: corrupted, completed, original
@@ -85,7 +88,7 @@ def test_completion_keeps_the_top_half(image_ckpt, images, tmp_path):
 
 
 def test_audio_trains_and_samples_a_wav(audio_ckpt, tmp_path):
-    assert torch.load(audio_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["modality"]["kind"] == "audio"
+    assert torch.load(audio_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["modality"] == Audio(8000)
     (logged,) = audio_ckpt.parents[1].glob("samples/step=*/sample_0.wav")  # SampleLogger: one second by default
     assert soundfile.info(logged).frames == 8000
     result = run("sample.py", "--ckpt", str(audio_ckpt), "--num-samples", "2", "--length", "100", "--out", str(tmp_path))
@@ -94,7 +97,7 @@ def test_audio_trains_and_samples_a_wav(audio_ckpt, tmp_path):
         info = soundfile.info(tmp_path / f"sample_{i}.wav")
         assert (info.samplerate, info.frames, info.channels) == (8000, 100, 1)
     wrong = one_error_line(run("sample.py", "--ckpt", str(audio_ckpt), "--complete", "1"))
-    assert wrong == "error: --complete needs an image checkpoint; this one models audio"
+    assert wrong == "error: --complete is not an option for a checkpoint of audio; it takes --prompt-file --length --seconds"
 
 
 def test_audio_continues_a_recording_past_the_context(audio_ckpt, tmp_path):
@@ -109,10 +112,8 @@ def test_audio_continues_a_recording_past_the_context(audio_ckpt, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     wave, rate = soundfile.read(tmp_path / "cached" / "sample_0.wav", dtype="float32")
     assert rate == 8000 and len(wave) == 1600 + 800
-    from sparse_transformer.data.audio import load_mu_law
-    from sparse_transformer.modality import Audio
 
-    prompt = Audio.to_waveform(torch.from_numpy(load_mu_law(tmp_path / "prompt.wav", 8000))).numpy()
+    prompt = decode(torch.from_numpy(read_codes(tmp_path / "prompt.wav", 8000))).numpy()
     assert np.abs(wave[:1600] - prompt).max() < 1e-4  # the recording, as 8-bit mu-law, then the continuation
     cached, recomputed = ((tmp_path / d / "sample_0.wav").read_bytes() for d in ("cached", "recomputed"))
     assert cached == recomputed
@@ -124,13 +125,14 @@ def test_audio_continues_a_recording_past_the_context(audio_ckpt, tmp_path):
 
 def test_completion_of_a_folder_or_one_file(image_ckpt, images, tmp_path):
     files = sorted(images.iterdir())
-    result = run("sample.py", "--ckpt", str(image_ckpt), "--complete", "3", "--complete-from", str(images), "--out", str(tmp_path / "a"))
+    args = ["sample.py", "--ckpt", str(image_ckpt), "--scale", "1"]
+    result = run(*args, "--complete", "3", "--complete-from", str(images), "--out", str(tmp_path / "a"))
     assert result.returncode == 0, result.stderr[-3000:]
     grid = np.asarray(Image.open(tmp_path / "a" / "completions.png").convert("RGB"))
     originals = [grid[1 + 9 * row : 9 + 9 * row, 1 + 18 : 9 + 18] for row in range(3)]
     for original, file in zip(originals, [files[0], files[6], files[11]]):  # spread over the folder, ends included
         assert (original == np.asarray(Image.open(file))).all()
-    one = run("sample.py", "--ckpt", str(image_ckpt), "--complete", "2", "--complete-from", str(files[5]), "--out", str(tmp_path / "b"))
+    one = run(*args, "--complete", "2", "--complete-from", str(files[5]), "--out", str(tmp_path / "b"))
     assert one.returncode == 0, one.stderr[-3000:]
     grid = np.asarray(Image.open(tmp_path / "b" / "completions.png").convert("RGB"))
     for row in range(2):

@@ -11,34 +11,30 @@ from sparse_transformer.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_VARIANTS = """
-base: configs/tiny.yaml
-common:
-  trainer.max_steps: 3
-  trainer.limit_val_batches: 1
+configs: [configs/tiny.yaml, {trainer: {max_steps: 3, limit_val_batches: 1}}]
 variants:
-  strided: {}
-  performer:
-    model.network.pattern.kind: dense
-    model.network.attention: performer
-    model.network.performer.features: 8
+  strided: []
+  performer: [configs/variants/performer.yaml, {model: {network: {attention: {init_args: {features: 8}}}}}]
 """
 
 
-def test_options_become_cli_arguments():
-    options = {"model.network.attention": "performer", "trainer.max_steps": 3, "model.network.positions": [4, 4], "data.init_args.path": None}
-    assert compare.cli_args(options) == [
-        "--model.network.attention", "performer", "--trainer.max_steps", "3", "--model.network.positions", "[4, 4]",
-        "--data.init_args.path", "null",
-    ]  # fmt: skip
+def test_overlays_become_config_arguments(tmp_path):
+    args = compare.config_args(["configs/tiny.yaml", {"trainer": {"max_steps": 3}}], tmp_path)
+    assert args == ["--config", "configs/tiny.yaml", "--config", str(tmp_path / "overlay-1.yaml")]
+    assert (tmp_path / "overlay-1.yaml").read_text() == "trainer:\n  max_steps: 3\n"
+    assert compare.overlays_text(["configs/variants/performer.yaml", {"model": {"network": {"pattern": {"kind": "dense"}}}}]) == (
+        "configs/variants/performer.yaml; pattern.kind=dense"
+    )
 
 
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("base: configs/tiny.yaml\nvariant: {}\n", r"unknown keys \['variant'\]"),
-        ("base: configs/none.yaml\nvariants: {a: {}}\n", "base train.py config 'configs/none.yaml' not found"),
-        ("base: configs/tiny.yaml\nvariants: {}\n", "'variants' must map names to dotted train.py options"),
-        ("base: configs/tiny.yaml\nvariants: {a: 3}\n", "'a' must map dotted train.py options to values"),
+        ("configs: [configs/tiny.yaml]\nvariant: {}\n", r"unknown keys \['variant'\]"),
+        ("configs: [configs/none.yaml]\nvariants: {a: []}\n", "'configs' names 'configs/none.yaml', which is not a file"),
+        ("configs: [configs/tiny.yaml]\nvariants: {}\n", "'variants' must map names to lists of overlays"),
+        ("configs: [configs/tiny.yaml]\nvariants: {a: 3}\n", "'a' must be a list of train.py configs"),
+        ("configs: []\nvariants: {a: []}\n", "'configs' must name at least the base"),
     ],
 )
 def test_bad_compare_configs_are_named(text, message, tmp_path, monkeypatch):
@@ -73,8 +69,8 @@ def test_two_variants_train_and_are_tabulated(tmp_path):
 @pytest.mark.slow
 def test_a_bad_variant_stops_with_one_line_naming_it(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("base: configs/tiny.yaml\nvariants:\n  bad:\n    model.network.attention: performer\n")
+    config.write_text("configs: [configs/tiny.yaml]\nvariants:\n  bad: [{model: {network: {attention: Performer}}}]\n")
     done = run("--config", str(config), "--out", str(tmp_path / "t.md"), "--root", str(tmp_path / "runs"))
     assert done.returncode == 2 and not (tmp_path / "t.md").exists()
-    assert done.stderr.strip().startswith("error: variant 'bad': attention='performer' is global causal linear attention")
+    assert done.stderr.strip().startswith("error: variant 'bad': attention 'performer' is global causal linear attention")
     assert "Traceback" not in done.stderr

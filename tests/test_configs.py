@@ -1,5 +1,6 @@
 """Every shipped config parses and builds its model, data and trainer through the real CLI, without training;
-each says only what differs from the shared setup, and gets all of that setup."""
+each says only what differs from the shared setup, and gets all of that setup. Overlays (variants, trainer
+settings, docs) change only what they name."""
 
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+OVERLAYS = sorted((ROOT / "configs" / "variants").glob("*.yaml"))
 SHARED = (
     DivergenceGuard, StopOnSignal, RunCheckpoint, LearningRateMonitor, TokenThroughputMonitor, RunProgressBar, SampleLogger,
 )  # fmt: skip
@@ -37,10 +39,14 @@ def test_config_builds(config):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_gets_the_shared_setup_and_repeats_none_of_it(config):
     trainer_section = yaml.safe_load(config.read_text())["trainer"]
-    assert not {"callbacks", "logger", "plugins"} & set(trainer_section), "the shared setup lives in training/cli.py"
+    if isinstance(trainer_section, str):  # the tiny configs: one trainer overlay
+        assert trainer_section == "trainer/cpu.yaml"
+        trainer_section = yaml.safe_load((ROOT / "configs" / trainer_section).read_text())
+    assert not {"callbacks", "logger", "plugins", "default_root_dir"} & set(trainer_section), "the shared setup lives in training/cli.py"
+    restated = {"gradient_clip_val": 1.0, "accelerator": "gpu", "precision": "bf16-mixed", "check_val_every_n_epoch": None}
+    assert not [k for k, v in restated.items() if trainer_section.get(k, "unset") == v], "defaults and GPU settings live elsewhere"
     cli = train.main(["--config", str(config), "--trainer.accelerator", "cpu"], run=False)
-    trainer, root = cli.trainer, Path(trainer_section["default_root_dir"])
-    assert root == Path("runs") / config.stem  # the one place a config names its run folder
+    trainer, root = cli.trainer, Path("runs") / config.stem  # the run folder is named after the config
     assert [sum(isinstance(c, kind) for c in trainer.callbacks) for kind in SHARED] == [1] * len(SHARED)
     (checkpoint,) = [c for c in trainer.callbacks if isinstance(c, RunCheckpoint)]
     assert Path(checkpoint.dirpath) == (root / "checkpoints").resolve() and checkpoint.monitor == f"val_{cli.model.unit}"
@@ -72,17 +78,13 @@ def test_the_paper_image_and_audio_setups(name):
     config = yaml.safe_load(path.read_text())
     layers, heads, width, dropout, stride, epochs, seq_len, positions = PAPER[name]
     assert config["model"]["network"]["n_layers"] == layers
-    assert (config["model"]["warmup_steps"], config["model"]["weight_decay"], config["trainer"]["gradient_clip_val"]) == (
-        5000,
-        0.01,
-        1.0,
-    )
-    assert config["trainer"].get("max_epochs") == epochs
+    assert config["model"]["warmup_steps"] == 5000 and config["trainer"].get("max_epochs") == epochs
     # One layer is enough to check what the data gives the model through the CLI: the stride of cifar10 and
     # every positional shape follow from the data.
     args = ["--config", str(path), "--trainer.accelerator", "cpu", "--model.network.n_layers", "1"]
-    lm = train.main(args, run=False).model
-    network = lm.model.config
+    cli = train.main(args, run=False)
+    lm, network = cli.model, cli.model.model.config
+    assert (lm.hparams.weight_decay, cli.trainer.gradient_clip_val) == (0.01, 1.0)  # section 7, the defaults
     assert (network.n_heads, network.d_model, network.dropout, network.pattern.kind) == (heads, width, dropout, "strided")
     assert network.pattern.stride == stride and network.seq_len == seq_len and network.positions == positions
     assert lm.unit == "bpd"
@@ -107,5 +109,26 @@ def test_the_docs_overlays_change_only_what_they_name(base, overlay, seq_len, st
     cli = train.main([*configs, "--trainer.logger", "false"], run=False)
     network = cli.model.model.config
     assert (network.seq_len, network.pattern.stride, tuple(network.positions)) == (seq_len, stride, positions)
-    assert Path(cli.trainer.default_root_dir) == Path("runs") / f"docs-{overlay}"
+    assert Path(cli.trainer.default_root_dir) == Path("runs") / f"{base}-{overlay}"
     assert len(yaml.safe_load((ROOT / "configs" / "docs" / f"{overlay}.yaml").read_text())["model"]["network"]) <= 5
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_variant_overlays_are_a_few_lines_and_apply_to_the_quickstart_too(overlay):
+    lines = [line for line in overlay.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) <= 5
+    for base in ("tiny", "quickstart"):
+        configs = ["--config", str(ROOT / "configs" / f"{base}.yaml"), "--config", str(overlay)]
+        cli = train.main([*configs, "--trainer.logger", "false"], run=False)
+        assert Path(cli.trainer.default_root_dir) == Path("runs") / f"{base}-{overlay.stem}"
+
+
+def test_the_trainer_overlays(capsys):
+    gpu = ["--config", str(ROOT / "configs" / "enwik8.yaml"), "--trainer", str(ROOT / "configs" / "trainer" / "gpu.yaml")]
+    with pytest.raises(SystemExit):
+        train.main([*gpu, "--print_config"], run=False)
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert (trainer["accelerator"], trainer["precision"], trainer["max_epochs"]) == ("gpu", "bf16-mixed", 80)
+    tiny = train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.logger", "false"], run=False).trainer
+    assert (tiny.max_steps, tiny.val_check_interval, tiny.limit_val_batches) == (6, 3, 2)
+    assert tiny.check_val_every_n_epoch is None  # an int val_check_interval counts steps of the run

@@ -5,14 +5,14 @@ import math
 import torch
 
 from sparse_transformer.data.text import ByteTextDataModule
-from sparse_transformer.model import AttentionPattern, ModelConfig
+from sparse_transformer.model import AttentionPattern, ModelConfig, Sparse
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 
 PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="split")
 
 
 def deep(**kwargs) -> SparseTransformerLM:
-    args = dict(seq_len=32, d_model=16, n_layers=64, n_heads=2, pattern=PATTERN, backend="blocks")
+    args = dict(seq_len=32, d_model=16, n_layers=64, n_heads=2, pattern=PATTERN, attention=Sparse("blocks"))
     return SparseTransformerLM(ModelConfig(**{**args, **kwargs}))
 
 

@@ -17,10 +17,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
-from sparse_transformer.model.attention import AdaptiveSpanConfig, PerformerConfig
+from sparse_transformer.model import AdaptiveSpan, AttentionPattern, HourglassConfig, ModelConfig, Performer, Sparse, SparseTransformer
 from sparse_transformer.model.attention import sparse as sparse_attention
-from sparse_transformer.model.hourglass import HourglassConfig
 
 SEQ_LEN, BATCH = 96, 2
 STRIDED = AttentionPattern("strided", block_size=8, stride=24, heads="split")
@@ -30,26 +28,24 @@ KINDS = {
     "strided": dict(pattern=STRIDED),
     "fixed": dict(pattern=AttentionPattern("fixed", block_size=8, stride=32, summary=8, heads="interleaved")),
     "local": dict(pattern=AttentionPattern("local", block_size=16, stride=32)),
-    "persistent_memory": dict(pattern=STRIDED, persistent_memory=16),
-    "performer": dict(attention="performer", performer=PerformerConfig(features=24, chunk_size=40)),
-    "adaptive_span": dict(
-        pattern=STRIDED, attention="adaptive_span", adaptive_span=AdaptiveSpanConfig(max_span=64, ramp=8, init=0.3, chunk_size=20)
-    ),
+    "persistent_memory": dict(pattern=STRIDED, attention=Sparse(persistent_memory=16)),
+    "performer": dict(attention=Performer(features=24, chunk_size=40)),
+    "adaptive_span": dict(pattern=STRIDED, attention=AdaptiveSpan(max_span=64, ramp=8, init=0.3, chunk_size=20)),
     "hourglass": dict(pattern=STRIDED, n_layers=4, hourglass=HourglassConfig("1@1 2@3 1@1")),
     "hourglass_resampling": dict(
         pattern=STRIDED, n_layers=5, hourglass=HourglassConfig("1@1 1@2 1@4 1@2 1@1", attention_resampling=True)
     ),
     "hourglass_memory_avg": dict(
-        pattern=STRIDED, n_layers=3, persistent_memory=8, hourglass=HourglassConfig("1@1 1@2 1@1", pooling="avg", upsampling="repeat")
+        pattern=STRIDED, n_layers=3, attention=Sparse(persistent_memory=8), hourglass=HourglassConfig("1@1 1@2 1@1", pooling="avg", upsampling="repeat")
     ),
-    "hourglass_performer": dict(attention="performer", n_layers=3, hourglass=HourglassConfig("1@1 1@3 1@1")),
+    "hourglass_performer": dict(attention=Performer(), n_layers=3, hourglass=HourglassConfig("1@1 1@3 1@1")),
 }
 
 
 def dummy_rows(model: SparseTransformer) -> float:
     """FLOPs of the memory's dummy query rows: m (m + 1) / 2 tiles per head for m memory blocks, every layer."""
     config, bs = model.config, model.config.pattern.block_size
-    m = config.persistent_memory // bs
+    m = getattr(config.attention, "persistent_memory", 0) // bs
     return config.n_layers * config.n_heads * m * (m + 1) / 2 * 2 * 2 * config.head_dim * bs * bs
 
 

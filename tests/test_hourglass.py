@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
-from sparse_transformer.model.hourglass import HourglassConfig, HourglassError, Shortening, Upsampling, parse_spec, shortened_len
+from sparse_transformer.model import AttentionPattern, ModelConfig, Sparse, SparseTransformer
+from sparse_transformer.model.hourglass import Shortening, Upsampling, shortened_len
+from sparse_transformer.model.hourglass_spec import HourglassConfig, HourglassError, parse_spec
 
 PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="interleaved")
 
@@ -20,7 +21,7 @@ def options(d_model: int, n_heads: int, block_size: int, hourglass: HourglassCon
 
 def tiny(spec: str, **kwargs) -> SparseTransformer:
     hourglass = HourglassConfig(spec, **kwargs)
-    args = dict(seq_len=64, d_model=32, n_layers=hourglass.n_layers, n_heads=2, pattern=PATTERN, backend="reference")
+    args = dict(seq_len=64, d_model=32, n_layers=hourglass.n_layers, n_heads=2, pattern=PATTERN, attention=Sparse("reference"))
     return SparseTransformer(ModelConfig(**args, hourglass=hourglass))
 
 

@@ -7,7 +7,7 @@ import torch
 
 from sparse_transformer.data.text import EMBEDDED_CORPUS
 from sparse_transformer.modality import Audio, Image
-from sparse_transformer.model import ModelConfig, SparseTransformer
+from sparse_transformer.model import ModelConfig, Sparse, SparseTransformer
 from sparse_transformer.model.config import ConfigError
 from sparse_transformer.model.patterns import AttentionPattern, PatternError
 from sparse_transformer.model.transformer import PositionalEmbedding
@@ -17,7 +17,7 @@ PATTERN = AttentionPattern("fixed", block_size=8, stride=16, summary=4, heads="i
 
 
 def tiny(**kwargs) -> SparseTransformer:
-    args = dict(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=PATTERN, backend="reference")
+    args = dict(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=PATTERN, attention=Sparse("reference"))
     return SparseTransformer(ModelConfig(**{**args, **kwargs}))
 
 
@@ -88,7 +88,7 @@ def test_warmup_then_cosine_schedule():
 def test_overfits_a_batch_of_real_text():
     """The loss on one batch of the shipped corpus falls far below its starting 8 bits per byte."""
     torch.manual_seed(0)
-    network = ModelConfig(seq_len=64, d_model=64, n_layers=2, n_heads=2, pattern=PATTERN, backend="reference")
+    network = ModelConfig(seq_len=64, d_model=64, n_layers=2, n_heads=2, pattern=PATTERN, attention=Sparse("reference"))
     module = SparseTransformerLM(network)
     text = EMBEDDED_CORPUS.read_bytes()[:4 * 65]
     batch = torch.tensor(list(text)).view(4, 65)
@@ -108,26 +108,31 @@ def test_options_are_checked_where_they_are_declared():
         (dict(n_heads=3), "d_model=32 is not divisible by n_heads=3"),
         (dict(n_layers=0), "model n_layers=0 must be an int >= 1"),
         (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
-        (dict(backend="cudnn"), "attention backend 'cudnn' is not one of auto, triton"),
+        (dict(attention="sparse"), "attention='sparse' is not an attention kind; use one of AdaptiveSpan, Performer, Sparse"),
     ]:
         with pytest.raises(ConfigError, match=message):
             ModelConfig(d_model=32, **options)
+    with pytest.raises(ConfigError, match="attention backend 'cudnn' is not one of auto, triton"):
+        Sparse("cudnn")
 
 
 def test_stride_and_positions_follow_the_data_unless_set():
     strided = AttentionPattern("strided", block_size=8)
-    image = SparseTransformer(ModelConfig(seq_len=192, d_model=16, n_heads=2, pattern=strided), Image((8, 8, 3))).config
+    image = Image((8, 8, 3)).resolve(ModelConfig(seq_len=192, d_model=16, n_heads=2, pattern=strided))
     assert image.pattern.stride == 24 and image.positions == (8, 8, 3)  # one row: 8 pixels x 3 channels
-    wide = SparseTransformer(ModelConfig(seq_len=3072, d_model=16, n_heads=2, pattern=strided, n_layers=1), Image((32, 32, 3)))
-    assert wide.config.pattern.stride == 96
-    audio = ModelConfig(seq_len=256, d_model=16, n_heads=2, pattern=strided).resolve(Audio(8000))
+    assert SparseTransformer(image).config == image  # the model keeps a resolved config as it is
+    wide = Image((32, 32, 3)).resolve(ModelConfig(seq_len=3072, d_model=16, n_heads=2, pattern=strided, n_layers=1))
+    assert wide.pattern.stride == 96
+    text = SparseTransformer(ModelConfig(seq_len=256, d_model=16, n_heads=2, pattern=strided)).config
+    assert text.pattern.stride == 16 and text.positions == (256,)  # sqrt(N) in whole blocks, 1-D
+    audio = Audio(8000).resolve(ModelConfig(seq_len=256, d_model=16, n_heads=2, pattern=strided))
     assert audio.pattern.stride == 16 and audio.positions == (16, 16)  # sqrt(N), and a matrix as wide as it
     text = ModelConfig(seq_len=256, d_model=16, n_heads=2, pattern=AttentionPattern("strided", block_size=8, stride=32))
-    assert text.resolve(Audio(8000)).positions == (8, 32) and text.resolve(Image((16, 16, 1))).pattern.stride == 32
+    assert Audio(8000).resolve(text).positions == (8, 32) and Image((16, 16, 1)).resolve(text).pattern.stride == 32
     with pytest.raises(ConfigError, match=r"positions=\[8, 8, 3\] multiply to 192, but the data's seq_len is 3072"):
-        ModelConfig(seq_len=3072, d_model=16, n_heads=2, positions=(8, 8, 3)).resolve(Image((32, 32, 3)))
+        Image((32, 32, 3)).resolve(ModelConfig(seq_len=3072, d_model=16, n_heads=2, positions=(8, 8, 3)))
     row = r"pattern stride=30 must be a positive multiple of block_size=4 \(stride 30 follows from the images\)"
     with pytest.raises(ConfigError, match=row):
-        ModelConfig(seq_len=300, d_model=16, n_heads=2, pattern=AttentionPattern("strided", block_size=4)).resolve(Image((10, 10, 3)))
+        Image((10, 10, 3)).resolve(ModelConfig(seq_len=300, d_model=16, n_heads=2, pattern=AttentionPattern("strided", block_size=4)))
     with pytest.raises(ConfigError, match="pattern stride=128 is longer than the context seq_len=64"):
         tiny(pattern=AttentionPattern("strided", block_size=8, stride=128))

@@ -8,14 +8,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.model import AttentionPattern, ModelConfig
-from sparse_transformer.model.attention.performer import PerformerAttention, PerformerConfig, favor_causal, orthogonal_gaussian
+from sparse_transformer.model import AttentionPattern, ModelConfig, Performer
+from sparse_transformer.model.attention.performer import PerformerAttention, favor_causal, orthogonal_gaussian
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 
 
 def performer(features: int, chunk_size: int = 64, d_model: int = 32, n_heads: int = 2) -> PerformerAttention:
-    options = PerformerConfig(features=features, chunk_size=chunk_size)
-    config = ModelConfig(d_model=d_model, n_heads=n_heads, pattern=AttentionPattern("dense"), attention="performer", performer=options)
+    options = Performer(features=features, chunk_size=chunk_size)
+    config = ModelConfig(d_model=d_model, n_heads=n_heads, pattern=AttentionPattern("dense"), attention=options)
     return PerformerAttention(config, seq_len=64, layer=0)
 
 
@@ -102,15 +102,13 @@ def test_stable_in_low_precision(dtype):
     torch.testing.assert_close(low, favor_causal(q.double(), k.double(), v.double(), w.double(), 16).float())
 
 
-def test_only_the_dense_pattern_and_auto_backend_are_accepted():
-    args = dict(seq_len=32, d_model=16, n_layers=1, n_heads=2, attention="performer")
+def test_only_the_dense_pattern_is_accepted():
+    args = dict(seq_len=32, d_model=16, n_layers=1, n_heads=2, attention=Performer())
     ModelConfig(**args, pattern=AttentionPattern("dense", block_size=8))
-    with pytest.raises(InputError, match="attention='performer' is global causal linear attention; pattern.kind='strided'"):
+    with pytest.raises(InputError, match="attention 'performer' is global causal linear attention; pattern.kind='strided'"):
         ModelConfig(**args, pattern=AttentionPattern("strided", block_size=8, stride=16))
-    with pytest.raises(InputError, match="backend='triton' picks a block-sparse kernel"):
-        ModelConfig(**args, pattern=AttentionPattern("dense", block_size=8), backend="triton")
     with pytest.raises(InputError, match="performer features=0 must be >= 1"):
-        PerformerConfig(features=0)
+        Performer(features=0)
 
 
 def test_redraw_is_seeded_by_step_and_saved_in_the_state_dict():
@@ -151,8 +149,7 @@ def test_redraw_follows_the_training_step_and_never_happens_in_eval(tmp_path):
         n_layers=1,
         n_heads=2,
         pattern=AttentionPattern("dense", block_size=8),
-        attention="performer",
-        performer=PerformerConfig(features=8, redraw_every=2),
+        attention=Performer(features=8, redraw_every=2),
     )
     lm = SparseTransformerLM(network, warmup_steps=1)
     data = DataLoader(torch.randint(0, 256, (24, 17)), batch_size=4)

@@ -13,7 +13,7 @@ from commands import train_tiny_checkpointing
 from sparse_transformer.data.training_order import ResumableSampler
 from sparse_transformer.data.text import ByteTextDataModule
 from sparse_transformer.training.lightning_module import SparseTransformerLM
-from sparse_transformer.model import AttentionPattern, ModelConfig
+from sparse_transformer.model import AttentionPattern, ModelConfig, Sparse
 
 
 
@@ -59,7 +59,7 @@ class Recorder(L.Callback):
 def fit(tmp_path, recorder, num_workers=0, ckpt_path=None):
     L.seed_everything(0)
     pattern = AttentionPattern("dense", block_size=8)
-    module = SparseTransformerLM(ModelConfig(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks"))
+    module = SparseTransformerLM(ModelConfig(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, attention=Sparse("blocks")))
     data = ByteTextDataModule(seq_len=16, batch_size=2, samples_per_epoch=8, num_workers=num_workers)  # 4 steps/epoch
     trainer = L.Trainer(
         max_steps=12,

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
-from sparse_transformer.model.hourglass import HourglassConfig
+from sparse_transformer.model import AttentionPattern, HourglassConfig, ModelConfig, Sparse, SparseTransformer
 from sparse_transformer.sampling import Sampling, generate, slide_of, window_start
 
 PATTERNS = {
@@ -18,9 +17,10 @@ PATTERNS = {
 }
 
 
-def tiny(pattern: AttentionPattern, backend: str = "reference", **kwargs) -> SparseTransformer:
+def tiny(pattern: AttentionPattern, backend: str = "reference", memory: int = 0, **kwargs) -> SparseTransformer:
     torch.manual_seed(0)
-    model = SparseTransformer(ModelConfig(seq_len=48, d_model=32, n_layers=3, n_heads=4, pattern=pattern, backend=backend, **kwargs))
+    attention = Sparse(backend, persistent_memory=memory)
+    model = SparseTransformer(ModelConfig(seq_len=48, d_model=32, n_layers=3, n_heads=4, pattern=pattern, attention=attention, **kwargs))
     return model.eval()
 
 
@@ -29,7 +29,7 @@ def tiny(pattern: AttentionPattern, backend: str = "reference", **kwargs) -> Spa
 @pytest.mark.parametrize("prompt_len", [1, 8, 11])
 @pytest.mark.parametrize("name", PATTERNS)
 def test_cached_logits_match_full_recompute(name, prompt_len, backend, memory):
-    model = tiny(PATTERNS[name], backend, persistent_memory=memory)
+    model = tiny(PATTERNS[name], backend, memory)
     seq = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(seq)  # (B, N, vocab): logits at every position from the whole sequence
@@ -101,7 +101,7 @@ def test_generation_longer_than_the_context_equals_the_sliding_reference(name, s
 
 
 def test_a_prompt_longer_than_the_context_keeps_its_last_window():
-    model = tiny(PATTERNS["strided-split"], persistent_memory=4)
+    model = tiny(PATTERNS["strided-split"], memory=4)
     prompt = torch.randint(0, 256, (1, 130), generator=torch.Generator().manual_seed(0))
     out = generate(model, prompt, 30, Sampling(0.0))
     assert torch.equal(out, generate(model, prompt, 30, Sampling(0.0, kv_cache=False)))

@@ -6,7 +6,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
 from sparse_transformer.data.text import ByteTextDataModule
-from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
+from sparse_transformer.model import AttentionPattern, ModelConfig, Sparse, SparseTransformer
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
@@ -24,7 +24,7 @@ def test_flops_count_linear_layers_and_the_attended_tiles():
 
 def test_monitor_logs_tokens_per_second(tmp_path, one_thread):
     pattern = AttentionPattern("dense", block_size=8)
-    module = SparseTransformerLM(ModelConfig(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, backend="blocks"))
+    module = SparseTransformerLM(ModelConfig(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, attention=Sparse("blocks")))
     data = ByteTextDataModule(seq_len=16, batch_size=2, samples_per_epoch=12)
     trainer = L.Trainer(
         max_steps=6,

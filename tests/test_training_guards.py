@@ -10,13 +10,14 @@ import torch
 
 from sparse_transformer.data.text import ByteTextDataModule
 from sparse_transformer.errors import InputError
-from sparse_transformer.model import AttentionPattern, ModelConfig
+from sparse_transformer.model import AttentionPattern, ModelConfig, Sparse
 from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO
-from sparse_transformer.training.checkpointing import RunCheckpoint
+from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
+from sparse_transformer.training.run import Run
 from sparse_transformer.training.divergence_guard import Diverged, DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 
-NETWORK = ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=AttentionPattern("dense", block_size=8), backend="blocks")
+NETWORK = ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=AttentionPattern("dense", block_size=8), attention=Sparse("blocks"))
 
 
 class DivergesAtStep3(SparseTransformerLM):
@@ -31,7 +32,8 @@ class ValidationExplodesAfterStep2(SparseTransformerLM):
 
 
 def fit(tmp_path, module, max_steps=8, val_every=None, ckpt_path=None, **checkpointing):
-    checkpoint = RunCheckpoint(str(tmp_path), "val_bpb", **checkpointing)
+    """Train in the run folder ``tmp_path``; checkpoints go to ``tmp_path / "checkpoints"``."""
+    checkpoint = RunCheckpoint(Run(tmp_path, ckpt_path), "val_bpb", CheckpointSchedule(**checkpointing))
     trainer = L.Trainer(
         max_steps=max_steps, callbacks=[DivergenceGuard(), checkpoint], plugins=[AtomicCheckpointIO()], logger=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2 if val_every else 0,
@@ -45,7 +47,7 @@ def fit(tmp_path, module, max_steps=8, val_every=None, ckpt_path=None, **checkpo
 def test_non_finite_loss_stops_before_the_broken_weights_are_saved(tmp_path, one_thread):
     with pytest.raises(Diverged, match=r"training loss is nan at step 4; stopped before saving it \(last good checkpoint: .*last.ckpt\)"):
         fit(tmp_path, DivergesAtStep3(NETWORK), every_n_train_steps=1)
-    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 3
     assert all(t.isfinite().all() for t in state["state_dict"].values())
 
@@ -53,8 +55,8 @@ def test_non_finite_loss_stops_before_the_broken_weights_are_saved(tmp_path, one
 def test_an_exploding_validation_is_never_saved(tmp_path, one_thread):
     with pytest.raises(Diverged, match=r"validation val_bpb is 1.3e\+08 bits at step 4; stopped before saving it"):
         fit(tmp_path, ValidationExplodesAfterStep2(NETWORK), val_every=2)
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2  # the validation before
-    assert [p.name.split("-")[0] for p in tmp_path.glob("step=*")] == ["step=2"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2  # the validation before
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints").glob("step=*")] == ["step=2"]
 
 
 def test_last_is_the_latest_state_whatever_the_metric_does(tmp_path, one_thread):
@@ -65,15 +67,15 @@ def test_last_is_the_latest_state_whatever_the_metric_does(tmp_path, one_thread)
             self.log("val_bpb", 1.0 + self.global_step)
 
     trainer = fit(tmp_path, Worsening(NETWORK), max_steps=7, val_every=2, every_n_train_steps=3)
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 7
-    assert [p.name for p in tmp_path.glob("step=*")] == ["step=2-val_bpb=3.000.ckpt"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step=*")] == ["step=2-val_bpb=3.000.ckpt"]
     assert trainer.global_step == 7
 
 
 def test_the_lr_may_change_on_resume(tmp_path, one_thread, capsys):
     fit(tmp_path, SparseTransformerLM(NETWORK, lr=1e-3, warmup_steps=0), max_steps=4, every_n_train_steps=2)
     resumed = SparseTransformerLM(NETWORK, lr=2e-4, warmup_steps=0)
-    trainer = fit(tmp_path / "resumed", resumed, max_steps=5, ckpt_path=str(tmp_path / "last.ckpt"))
+    trainer = fit(tmp_path / "resumed", resumed, max_steps=5, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
     optimizer = trainer.optimizers[0]
     assert all(group["initial_lr"] == 2e-4 for group in optimizer.param_groups)
     assert 0 < optimizer.param_groups[0]["lr"] < 2e-4  # on the cosine at step 5 of 5, from the new lr
@@ -113,10 +115,11 @@ def test_no_space_left_stops_in_one_line_and_keeps_the_old_checkpoint(tmp_path, 
 
 
 def test_a_killed_saves_temporary_file_is_removed_on_the_next_start(tmp_path, one_thread):
-    stale = tmp_path / ".last.ckpt.abc123.tmp"
+    stale = tmp_path / "checkpoints" / ".last.ckpt.abc123.tmp"
+    stale.parent.mkdir()
     stale.write_bytes(b"half")
     fit(tmp_path, SparseTransformerLM(NETWORK), max_steps=1)
-    assert not stale.exists() and (tmp_path / "last.ckpt").is_file()
+    assert not stale.exists() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
 def _umask() -> int:

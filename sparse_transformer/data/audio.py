@@ -1,8 +1,8 @@
 """Raw audio as byte sequences: a folder of audio files -> mono, resampled, 8-bit mu-law windows.
 
 The paper's classical-music model (section 7.4) reads 65,536-step windows of 8-bit mu-law audio. Files
-are decoded once in ``setup`` (soundfile; torchaudio no longer does file I/O), mixed to mono, resampled
-to ``sample_rate`` and mu-law encoded to one byte per step, and held in memory: one byte a step is
+are decoded once in ``setup`` (``audio_codec.py``), mixed to mono, resampled to ``sample_rate`` and
+mu-law encoded to one byte per step, and held in memory: one byte a step is
 43 MB per hour at 12 kHz. A window becomes ``[START, code_0, ..., code_{N-1}]``, like an image.
 """
 
@@ -12,56 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
 import torch
-import torchaudio.functional as AF
 from torch.utils.data import Dataset
 
+from sparse_transformer.audio_codec import AUDIO_SUFFIXES, UNREADABLE_SUFFIXES, read_codes
 from sparse_transformer.data.sequences import SequenceDataModule, files_fingerprint
 from sparse_transformer.errors import InputError, plural
 from sparse_transformer.modality import START, Audio
-
-# File endings of the formats libsndfile reads (those this build has: soundfile.available_formats()).
-FORMATS = {
-    ".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG", ".opus": "OGG", ".mp3": "MP3", ".aiff": "AIFF",
-    ".aif": "AIFF", ".aifc": "AIFF", ".au": "AU", ".caf": "CAF", ".w64": "W64", ".rf64": "RF64",
-}  # fmt: skip
-AUDIO_SUFFIXES = tuple(suffix for suffix, name in FORMATS.items() if name in soundfile.available_formats())
-# Audio formats it does not read: refused by name rather than skipped like a stray text file.
-UNREADABLE_SUFFIXES = (".m4a", ".aac", ".alac", ".wma", ".ape", ".amr", ".mka", ".webm")
-
-
-def load_mu_law(path: Path, sample_rate: int) -> np.ndarray:
-    """One file -> ``(T,)`` uint8 mu-law codes at ``sample_rate``, mono; a file cut short is refused."""
-    try:
-        frames = soundfile.info(path).frames
-        wave, rate = soundfile.read(path, dtype="float32", always_2d=True)  # (T, channels)
-    except (soundfile.LibsndfileError, RuntimeError) as e:
-        raise InputError(f"cannot read audio file {path}: {e}") from e
-    declared, actual = declared_size(path), path.stat().st_size
-    if declared is not None and declared > actual:
-        raise InputError(f"audio file {path} is cut short: its header says {declared} bytes, the file has {actual}")
-    if len(wave) < 0.99 * frames:  # compressed formats: fewer frames decode than the header promises
-        raise InputError(f"audio file {path} is cut short: its header says {frames} frames, {len(wave)} decode")
-    mono = torch.from_numpy(wave.mean(axis=1))
-    if rate != sample_rate:
-        mono = AF.resample(mono, rate, sample_rate)
-    return Audio.to_tokens(mono).numpy()
-
-
-def declared_size(path: Path) -> int | None:
-    """The file size a RIFF (WAV) or IFF (AIFF) header declares; None for other formats or an unknown size.
-
-    libsndfile reads a truncated WAV as a shorter one without a word, so the header is checked here.
-    """
-    with path.open("rb") as f:
-        head = f.read(8)
-    order = {b"RIFF": "little", b"FORM": "big"}.get(head[:4])
-    if order is None or len(head) < 8:
-        return None
-    size = int.from_bytes(head[4:8], order)
-    return None if size in (0, 0xFFFFFFFF) else size + 8  # streaming writers leave the size open
-
 
 class AudioWindows(Dataset):
     """Windows of ``seq_len`` codes, ``step`` apart within each clip (never across two clips)."""
@@ -145,8 +102,8 @@ class AudioFolderDataModule(SequenceDataModule):
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train_files = [files[i] for i in sorted(order[n_val:])]
         self.val_files = [files[i] for i in sorted(order[:n_val])]
-        self.train = AudioWindows([load_mu_law(f, self.sample_rate) for f in self.train_files], self.seq_len, step=1)
-        val_clips = [load_mu_law(f, self.sample_rate) for f in self.val_files]
+        self.train = AudioWindows([read_codes(f, self.sample_rate) for f in self.train_files], self.seq_len, step=1)
+        val_clips = [read_codes(f, self.sample_rate) for f in self.val_files]
         self.val = self.test = AudioWindows(val_clips, self.seq_len, step=self.seq_len)
         for name, part, clips in (("train", self.train, self.train_files), ("val", self.val, self.val_files)):
             if len(part) == 0:

@@ -192,7 +192,7 @@ class CIFAR10DataModule(ImageDataModule):
         download: fetch it with torchvision when absent (163 MB, needs internet).
     """
 
-    def __init__(self, root: str = "datasets/cifar10", download: bool = False, **kwargs):
+    def __init__(self, root: str = "data/cifar10", download: bool = False, **kwargs):
         super().__init__(image_size=32, channels=3, **kwargs)
         self.save_hyperparameters()
         self.root, self.download = Path(root), download
@@ -228,7 +228,7 @@ class ImageNet64DataModule(ImageDataModule):
         root: folder holding ``train_64x64/`` and ``valid_64x64/``.
     """
 
-    def __init__(self, root: str = "datasets/imagenet64", **kwargs):
+    def __init__(self, root: str = "data/imagenet64", **kwargs):
         super().__init__(image_size=64, channels=3, **kwargs)
         self.save_hyperparameters()
         self.root = Path(root)

@@ -122,7 +122,7 @@ class Enwik8DataModule(ByteTextDataModule):
         download: fetch and verify it from mattmahoney.net when absent (needs internet).
     """
 
-    def __init__(self, root: str = "datasets/enwik8", download: bool = False, **kwargs):
+    def __init__(self, root: str = "data/enwik8", download: bool = False, **kwargs):
         super().__init__(path=str(Path(root) / "enwik8"), split=(0.9, 0.05, 0.05), **kwargs)
         self.download = download
 
@@ -169,4 +169,4 @@ def prepare_enwik8(root: Path) -> Path:
 if __name__ == "__main__":
     import sys
 
-    print(prepare_enwik8(Path(sys.argv[1] if len(sys.argv) > 1 else "datasets/enwik8")))
+    print(prepare_enwik8(Path(sys.argv[1] if len(sys.argv) > 1 else "data/enwik8")))

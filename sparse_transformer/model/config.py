@@ -1,8 +1,10 @@
 """The network's options, declared once: the config travels whole to the model, its blocks and their attention.
 
 Checks that need only the options run when the config is made (``__post_init__``: the CLI reports them as
-it parses); checks against the data run in :meth:`ModelConfig.resolve`, which also derives what follows
-from the data: the context, the pattern's stride and the positional shape.
+it parses); :meth:`ModelConfig.resolve` fills in what the config leaves to the data (the pattern's stride,
+the positional axes) and checks every value against the context. The attention is one of the kinds in
+``attention/``: each is a dataclass of its own options that checks itself against the rest of this config
+and builds its module (:class:`AttentionKind`).
 """
 
 from __future__ import annotations
@@ -10,26 +12,55 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import ClassVar
 
 import torch
+import torch.nn as nn
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.model.attention.adaptive_span import AdaptiveSpanConfig
-from sparse_transformer.model.attention.performer import PerformerConfig
-from sparse_transformer.model.hourglass import HourglassConfig
-from sparse_transformer.model.kernels import BACKENDS
-from sparse_transformer.model.patterns import AttentionPattern, PatternError
-
-if TYPE_CHECKING:
-    from sparse_transformer.modality import Modality
-
-Backend = Literal["auto", "triton", "pieces", "blocks", "flex", "reference"]
-AttentionKind = Literal["sparse", "performer", "adaptive_span"]
+from sparse_transformer.model.hourglass_spec import HourglassConfig
+from sparse_transformer.model.patterns import AttentionPattern, PatternError, sqrt_stride
 
 
 class ConfigError(InputError, ValueError):
     """Options that cannot build a model (a ValueError, so the CLI's parser reports it as a bad value)."""
+
+
+class AttentionKind:
+    """The options of one attention kind; ``model.network.attention`` names the kind by its class::
+
+        attention:
+          class_path: Performer        # or the full path of a kind defined outside the library
+          init_args: {features: 64}
+
+    A kind is one file in ``attention/``: a frozen dataclass of its options subclassing this, with its
+    ``name``, its checks against the rest of the config and the module it builds. Defining one registers it
+    (``kinds``), so a checkpoint that holds its options loads and ``class_path`` finds it by name.
+    """
+
+    name: ClassVar[str]
+    kinds: ClassVar[dict[str, type[AttentionKind]]] = {}
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        AttentionKind.kinds[cls.name] = cls
+        torch.serialization.add_safe_globals([cls])  # checkpoints carry the options
+
+    def check(self, config: ModelConfig) -> None:
+        """Refuse, in one line, the rest of ``config`` where this kind cannot work with it."""
+
+    def build(self, config: ModelConfig, seq_len: int, layer: int) -> nn.Module:
+        """The attention of block ``layer`` on a sequence of ``seq_len`` positions (a level's length in an Hourglass)."""
+        raise NotImplementedError
+
+    @property
+    def replaces_feed_forward(self) -> bool:
+        """Whether a block with this attention has no feed-forward sublayer (the all-attention layer)."""
+        return False
+
+
+def _sparse() -> AttentionKind:
+    return AttentionKind.kinds["sparse"]()  # attention/sparse.py, the paper's own kind
 
 
 @dataclass(frozen=True)
@@ -43,14 +74,9 @@ class ModelConfig:
         ffn_mult: feed-forward width as a multiple of d_model.
         dropout: on the embeddings and on every residual branch, in [0, 1).
         pattern: which keys each query attends to (section 4).
-        backend: how ``sparse`` attention is computed; every backend computes the same function.
-            ``auto``: triton on CUDA, pieces on the CPU, blocks elsewhere.
-        attention: ``sparse`` (the pattern, by ``backend``), ``performer`` (FAVOR+; dense pattern only) or
-            ``adaptive_span`` (a learned span per head on top of the pattern).
-        performer: FAVOR+ options, for ``attention: performer``.
-        adaptive_span: span options, for ``attention: adaptive_span``.
-        persistent_memory: M learned key/value vectors per head joined to every softmax, in place of the
-            feed-forward sublayer (all-attention layer); a multiple of the pattern's block_size; 0 is off.
+        attention: how the heads attend: ``Sparse`` (the pattern's tiles, by a backend; optionally with
+            persistent memory), ``Performer`` (FAVOR+; dense pattern only) or ``AdaptiveSpan`` (a learned span per
+            head on top of the pattern), each with its own options.
         hourglass: arrange the blocks as a hierarchy of shortened levels, e.g. ``spec: "2@1 4@3 2@1"``.
         positions: axes of the factorized positional embedding, multiplying to seq_len. None derives them
             from the data: (rows, cols, channels) for images, a matrix as wide as the stride for audio
@@ -67,11 +93,7 @@ class ModelConfig:
     ffn_mult: float = 4.0
     dropout: float = 0.0
     pattern: AttentionPattern = field(default_factory=AttentionPattern)
-    backend: Backend = "auto"
-    attention: AttentionKind = "sparse"
-    performer: PerformerConfig = field(default_factory=PerformerConfig)
-    adaptive_span: AdaptiveSpanConfig = field(default_factory=AdaptiveSpanConfig)
-    persistent_memory: int = 0
+    attention: AttentionKind = field(default_factory=_sparse)
     hourglass: HourglassConfig | None = None
     positions: tuple[int, ...] | None = None
     recompute: bool = False
@@ -88,21 +110,10 @@ class ModelConfig:
             raise ConfigError(f"ffn_mult={self.ffn_mult} must be > 0")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.attention not in ("sparse", "performer", "adaptive_span"):
-            raise ConfigError(f"attention={self.attention!r} is not one of sparse, performer, adaptive_span")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"attention backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
-        if self.attention != "sparse" and self.backend != "auto":
-            raise ConfigError(
-                f"backend={self.backend!r} picks a block-sparse kernel, which attention={self.attention!r} "
-                "does not use; leave backend: auto"
-            )
-        if self.attention == "performer" and self.pattern.kind != "dense":
-            raise ConfigError(
-                f"attention='performer' is global causal linear attention; pattern.kind={self.pattern.kind!r} "
-                "cannot restrict it (use pattern.kind: dense)"
-            )
-        self._check_persistent_memory()
+        if not isinstance(self.attention, AttentionKind):
+            known = ", ".join(cls.__name__ for cls in AttentionKind.kinds.values())
+            raise ConfigError(f"attention={self.attention!r} is not an attention kind; use one of {known}")
+        self.attention.check(self)
         if self.hourglass is not None:
             self.hourglass.check()
             if self.hourglass.n_layers != self.n_layers:
@@ -115,21 +126,6 @@ class ModelConfig:
             if not self.positions or any(_not_int(n) or n < 1 for n in self.positions):
                 raise ConfigError(f"positions={list(self.positions)} must be one or more ints >= 1")
 
-    def _check_persistent_memory(self) -> None:
-        m = self.persistent_memory
-        if _not_int(m) or m < 0:
-            raise ConfigError(f"persistent_memory={m!r} must be an int >= 0 (0 turns it off)")
-        if m and self.attention != "sparse":
-            raise ConfigError(
-                f"persistent_memory={m} joins the block-sparse softmax; attention={self.attention!r} has none "
-                "(use attention: sparse, or persistent_memory: 0)"
-            )
-        if m % self.pattern.block_size:
-            raise ConfigError(
-                f"persistent_memory={m} must be a multiple of pattern block_size={self.pattern.block_size}: "
-                "the persistent vectors are joined as whole key blocks"
-            )
-
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -138,31 +134,41 @@ class ModelConfig:
     def d_ff(self) -> int:
         return int(self.ffn_mult * self.d_model)
 
-    def resolve(self, modality: Modality) -> ModelConfig:
-        """This config for ``modality``'s data: the stride and positions it leaves out derived, and every value
-        checked against the context. Resolving a resolved config changes nothing."""
-        n, pattern = self.seq_len, self.pattern
+    @property
+    def context(self) -> int:
+        """seq_len, which must be set: the model is built for one context."""
+        n = self.seq_len
         if n is None:
             raise ConfigError("model seq_len is not set; train.py links it from the DataModule's seq_len")
         if _not_int(n) or n < 1:
             raise ConfigError(f"model seq_len={n!r} must be an int >= 1")
+        return n
+
+    def resolve(self, stride: int | None = None, positions: tuple[int, ...] | None = None, source: str = "context") -> ModelConfig:
+        """This config with what it leaves out filled in, every value checked against the context.
+
+        The pattern's stride is its own, else ``stride`` (the data's choice; ``source`` names the data in
+        messages), else about sqrt(N) in whole blocks (section 4.2); the positional axes are the config's own,
+        else ``positions``, else 1-D. Resolving a resolved config changes nothing.
+        """
+        n, pattern = self.context, self.pattern
         pattern.check(n)
         if pattern.needs_stride and pattern.stride is None:
-            stride = modality.default_stride(n, pattern.block_size)
+            stride = sqrt_stride(n, pattern.block_size) if stride is None else stride
             try:
                 pattern = dataclasses.replace(pattern, stride=stride)
             except PatternError as e:
-                raise ConfigError(f"{e} (stride {stride} follows from the {modality.noun}); set pattern.stride") from e
+                raise ConfigError(f"{e} (stride {stride} follows from the {source}); set pattern.stride") from e
         if pattern.needs_stride and pattern.stride > n:
             raise ConfigError(f"pattern stride={pattern.stride} is longer than the context seq_len={n}; use a shorter stride")
-        stride = pattern.stride if pattern.needs_stride else None
-        positions = self.positions or modality.positions(n, stride)
+        positions = self.positions or positions or (n,)
         if math.prod(positions) != n:
             raise ConfigError(
                 f"positions={list(positions)} multiply to {math.prod(positions)}, but the data's seq_len is {n}; "
                 "leave positions out to derive them from the data"
             )
-        return dataclasses.replace(self, pattern=pattern, positions=positions)
+        resolved = dataclasses.replace(self, pattern=pattern, positions=tuple(positions))
+        return self if resolved == self else resolved
 
 
 def _not_int(value: object) -> bool:

@@ -25,6 +25,7 @@ sets of the definitions above; with ``block_size=1`` the two coincide.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -134,6 +135,11 @@ class AttentionPattern:
             return causal & (i // l == j // l)
         # fixed A(2): the cell reaches a summary position, i.e. (j mod l + 1) * unit > l - c; and itself.
         return causal & ((j % l + 1) * unit > self.stride - self.summary) | (i == j)
+
+
+def sqrt_stride(seq_len: int, block_size: int) -> int:
+    """The stride l ~ sqrt(N) of section 4.2, in whole blocks: what a pattern uses when the data says nothing else."""
+    return max(block_size, round(math.sqrt(seq_len) / block_size) * block_size)
 
 
 def density(layout: torch.Tensor) -> float:

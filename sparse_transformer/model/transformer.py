@@ -13,8 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sparse_transformer.modality import Modality, Text
-from sparse_transformer.model.attention import Attention, build_attention
+from sparse_transformer.model.attention import Attention
 from sparse_transformer.model.config import ModelConfig
 from sparse_transformer.model.hourglass import Hourglass
 from sparse_transformer.model.kv_cache import BlockKVCache
@@ -55,16 +54,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-activation residual block (section 5.2): x + attn(norm(x)), then x + mlp(norm(x)).
 
-    With ``persistent_memory`` it is an all-attention layer: no feed-forward sublayer, the persistent
-    key/value vectors take its place (``attention/persistent_memory.py``).
+    With an attention that replaces it (persistent memory) it is an all-attention layer: no feed-forward
+    sublayer, the persistent key/value vectors take its place (``attention/persistent_memory.py``).
     """
 
     def __init__(self, config: ModelConfig, seq_len: int, layer: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.d_model)
-        self.attn: Attention = build_attention(config, seq_len, layer)
-        self.norm2 = None if config.persistent_memory else nn.LayerNorm(config.d_model)
-        self.mlp = None if config.persistent_memory else MLP(config)
+        self.attn: Attention = config.attention.build(config, seq_len, layer)
+        feed_forward = not config.attention.replaces_feed_forward
+        self.norm2 = nn.LayerNorm(config.d_model) if feed_forward else None
+        self.mlp = MLP(config) if feed_forward else None
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
@@ -84,13 +84,13 @@ class Block(nn.Module):
 class SparseTransformer(nn.Module):
     """Bytes ``[B, N]`` -> next-byte logits ``[B, N, vocab_size]``.
 
-    ``config`` is resolved against ``modality`` first (``ModelConfig.resolve``): the stride and positional
-    shape it leaves out follow from the data, and the resolved config is ``self.config``.
+    ``config`` comes resolved against the data (``Modality.resolve``: the LightningModule does it); what it
+    still leaves out gets the generic defaults (``ModelConfig.resolve``), and the result is ``self.config``.
     """
 
-    def __init__(self, config: ModelConfig, modality: Modality = Text()):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config = config.resolve(modality)
+        self.config = config = config.resolve()
         self.seq_len, self.block_size = config.seq_len, config.pattern.block_size
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos = PositionalEmbedding(config.positions, config.d_model)

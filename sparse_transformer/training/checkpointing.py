@@ -8,79 +8,82 @@ everything since. Here ``last.ckpt`` is written on its own schedule, whatever th
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sparse_transformer.files import TEMPORARY_SUFFIX
-from sparse_transformer.training.resume import check_resumable, run_identity
-from sparse_transformer.training.run_folder import LAST
+from sparse_transformer.training.resume import check_resumable, data_record, run_identity
+from sparse_transformer.training.run import Run
 
 
-class RunCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` every ``every_n_train_steps`` steps, after every validation and when training ends; and
-    ``step=<step>-<metric>=<value>.ckpt`` for the best ``save_top_k`` validations (Lightning's ModelCheckpoint).
-
-    ``train.py`` links ``dirpath`` to the run folder and ``monitor`` to the data's metric (``val_bpb`` for text,
-    ``val_bpd`` for images and audio), so a config sets only how often and how many (``checkpoint:``), and
-    tells it the seed and the checkpoint the run resumes from (``seed``, ``resume_from``).
-
-    Before training it removes temporary files a killed save left behind, and refuses to resume from a
-    checkpoint of another run (``resume.py``); every checkpoint it writes records this run's identity.
+@dataclass(frozen=True)
+class CheckpointSchedule:
+    """How often and how many (``checkpoint:`` in a config).
 
     Args:
-        dirpath: ``<trainer.default_root_dir>/checkpoints``; linked, not set by hand.
-        monitor: the validation metric; linked from the data's modality.
         every_n_train_steps: save ``last.ckpt`` every this many training steps (None: at validations and the
             end only); a kill loses at most this many steps.
         save_top_k: best checkpoints kept by the validation metric (0: none, only last.ckpt).
     """
 
-    def __init__(self, dirpath: str, monitor: str, every_n_train_steps: int | None = None, save_top_k: int = 1):
+    every_n_train_steps: int | None = None
+    save_top_k: int = 1
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``schedule.every_n_train_steps`` steps, after every validation and when training ends;
+    and ``step=<step>-<metric>=<value>.ckpt`` for the best ``save_top_k`` validations (Lightning's ModelCheckpoint),
+    in the run's folder, ranked by ``monitor`` (``val_bpb`` for text, ``val_bpd`` for images and audio).
+
+    Before training it removes temporary files a killed save left behind, and refuses to resume from a
+    checkpoint of another run (``resume.py``); every checkpoint it writes records this run's identity and the
+    data it trained on (``sample.py`` rebuilds the validation split from it).
+    """
+
+    def __init__(self, run: Run, monitor: str, schedule: CheckpointSchedule = CheckpointSchedule()):
         super().__init__(
-            dirpath=dirpath,
+            dirpath=str(run.checkpoints),
             filename=f"step={{step}}-{monitor}={{{monitor}:.3f}}",
             monitor=monitor,
             mode="min",
-            save_top_k=save_top_k,
+            save_top_k=schedule.save_top_k,
             auto_insert_metric_name=False,
             enable_version_counter=False,
         )
-        self.last_every = every_n_train_steps
+        self.run, self.last_every = run, schedule.every_n_train_steps
         self.last_saved_step: int | None = None
-        self.seed: int | None = None
-        self.resume_from: str | None = None
-        self.run: dict[str, Any] | None = None
-
-    @property
-    def last_path(self) -> Path:
-        return Path(self.dirpath) / LAST
+        self.identity: dict[str, Any] | None = None
+        self.data: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         if trainer.is_global_zero:
-            for stale in Path(self.dirpath).glob(f".*{TEMPORARY_SUFFIX}"):
+            for stale in self.run.checkpoints.glob(f".*{TEMPORARY_SUFFIX}"):
                 stale.unlink(missing_ok=True)  # a save that a kill interrupted
         # After the DataModule's setup, so the identity covers the data's files.
-        self.run = run_identity(pl_module, trainer.datamodule, self.seed)
-        if self.resume_from and self.resume_from not in ("best", "hpc"):
-            check_resumable(self.resume_from, pl_module, self.run)
+        self.identity = run_identity(pl_module, trainer.datamodule, self.run.seed)
+        self.data = data_record(trainer.datamodule)
+        if self.run.resume_from and self.run.resume_from not in ("best", "hpc"):
+            check_resumable(self.run.resume_from, pl_module, self.identity)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.run is not None:
-            checkpoint["run"] = self.run
+        if self.identity is not None:
+            checkpoint["run"] = self.identity
+        if self.data is not None:
+            checkpoint["data"] = self.data
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def write_last(self, trainer: L.Trainer) -> None:
         """Write ``last.ckpt`` with the trainer's current state (on every rank: the save is collective)."""
         if trainer.sanity_checking or trainer.fast_dev_run or self.last_saved_step == trainer.global_step:
             return
-        self.last_model_path = str(self.last_path)  # before saving: it is part of the saved state
-        trainer.save_checkpoint(self.last_path, weights_only=False)
+        self.last_model_path = str(self.run.last)  # before saving: it is part of the saved state
+        trainer.save_checkpoint(self.run.last, weights_only=False)
         self.last_saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:

@@ -2,28 +2,30 @@
 
 Shared here, in one place, so configs say only what differs:
 
-- trainer defaults (gradient clipping at 1.0 as in the paper, atomic checkpoint writes, the run folder);
-- callbacks on every run: the divergence guard, a clean stop on SIGTERM / SIGINT, tokens/s and MFU, the
-  learning rate, rich progress with metrics;
+- trainer defaults (gradient clipping at 1.0 as in the paper, atomic checkpoint writes, the run folder); an
+  int ``val_check_interval`` counts training steps of the run, across epochs;
+- callbacks on every run: checkpoints, the divergence guard, a clean stop on SIGTERM / SIGINT, tokens/s and
+  MFU, the learning rate, rich progress with metrics;
 - TensorBoard and CSV loggers in the run folder (``--trainer.logger false`` turns them off);
-- ``checkpoint:`` (``RunCheckpoint``) and ``samples:`` (``SampleLogger``), configurable per config;
-- links from the data to the model: the context, the modality, and the metric checkpoints are ranked by.
+- ``checkpoint:`` (``CheckpointSchedule``) and ``samples:`` (``SampleLogger``), configurable per config;
+- links from the data to the model: the context and the modality.
 
-A run's folder is ``trainer.default_root_dir`` (``run_folder.py``). In a run of several processes a failure
-on any of them ends all of them at once (``distributed.py``).
+The run (``run.py``: its folder, the checkpoint it resumes from, its seed) is made once from the command line
+and passed to the callbacks that need it and to ``fit``. In a run of several processes a failure on any of
+them ends all of them at once (``distributed.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -31,18 +33,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sparse_transformer.errors import InputError, Interrupted, input_error, one_line
 from sparse_transformer.files import write_atomic
-from sparse_transformer.training.checkpointing import RunCheckpoint
+from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
 from sparse_transformer.training.distributed import FailureWatch, port_taken, watch_from_environment
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.training.progress import RunProgressBar
-from sparse_transformer.training.run_folder import checkpoint_dir, checkpoint_to_resume
+from sparse_transformer.training.run import Run, folder_for
 from sparse_transformer.training.sample_logger import SampleLogger
 from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "default_root_dir": "runs/default",
     "gradient_clip_val": 1.0,  # section 7: every setup clips the gradient norm at 1.0
     "log_every_n_steps": 10,
     "plugins": [{"class_path": "sparse_transformer.training.checkpoint_io.AtomicCheckpointIO"}],
@@ -88,9 +89,8 @@ class SparseTransformerCLI(LightningCLI):
         torch.set_float32_matmul_precision("high")
         # Lightning cannot see that our training sampler resumes mid-epoch (data/training_order.py); it does.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        self.resume_from: str | None = None
-        self.seed: int | None = None
-        self.stop_on_signal = StopOnSignal()
+        self.run: Run | None = None
+        self.stop_on_signal: StopOnSignal | None = None
         self.watch: FailureWatch | None = None
         try:
             super().__init__(
@@ -105,29 +105,29 @@ class SparseTransformerCLI(LightningCLI):
                 run=run,
             )
         except Exception as e:
-            error = InputError(f"trainer: {' '.join(str(e).split())}") if lightning_refusal(e) else e
-            self._tell_the_other_ranks(error)
-            if error is e:
-                raise
-            raise error from e
+            self._tell_the_other_ranks(e)
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.network.seq_len", apply_on="instantiate")
-        parser.link_arguments("data.modality", "model.modality", compute_fn=lambda m: m.spec(), apply_on="instantiate")
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=lambda root: str(checkpoint_dir(root)))
-        parser.link_arguments("data.modality", "checkpoint.monitor", compute_fn=lambda m: f"val_{m.unit}", apply_on="instantiate")
+        parser.link_arguments("data.modality", "model.modality", apply_on="instantiate")
+        parser.add_class_arguments(CheckpointSchedule, "checkpoint")
         parser.add_lightning_class_args(SampleLogger, "samples")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Hold ``fit``'s checkpoint back from LightningCLI, which would replace the configured model with the
-        checkpoint's hyperparameters, so a resumed run silently ignored changed options; :meth:`before_fit`
-        checks the checkpoint against the config instead and hands it to ``fit``."""
+        """Make the run from the command line. Its checkpoint is taken out of what LightningCLI sees: LightningCLI
+        would load the checkpoint's hyperparameters over the configured model, so a resumed run would silently
+        ignore changed options; the checkpoint callback checks the checkpoint against the config instead, and
+        :meth:`fit` resumes from it."""
         super().parse_arguments(parser, args)
+        section = self.config.get(self.config.get("subcommand") or "", self.config)
+        if section.trainer.default_root_dir is None:
+            section.trainer.default_root_dir = str(folder_for(section.get("config") or []))
         if self.config.get("subcommand") == "fit":
-            self.resume_from, self.config.fit.ckpt_path = self.config.fit.ckpt_path, None
-            seed = self.config.fit.seed_everything  # before LightningCLI draws a random one for True
-            self.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+            fit = self.config.fit
+            # the seed as configured, before LightningCLI draws a random one for True
+            self.run = Run.start(fit.trainer.default_root_dir, fit.ckpt_path, fit.seed_everything)
+            fit.ckpt_path = None
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The shared loggers and callbacks in the run folder; Lightning's refusal of a setting is a bad config."""
@@ -136,8 +136,13 @@ class SparseTransformerCLI(LightningCLI):
         root = Path(config["default_root_dir"])
         if config.get("logger") in (None, True):
             kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
+        if isinstance(config.get("val_check_interval"), int) and config.get("check_val_every_n_epoch") == 1:
+            kwargs["check_val_every_n_epoch"] = None  # validate every k steps of the run, not of each epoch
         logging = config.get("logger") is not False
-        callbacks = [DivergenceGuard(), self.stop_on_signal]
+        run = self.run or Run(root)
+        checkpoint = RunCheckpoint(run, f"val_{self.datamodule.modality.unit}", section["checkpoint"])
+        self.stop_on_signal = StopOnSignal(checkpoint)
+        callbacks = [checkpoint, DivergenceGuard(), self.stop_on_signal]
         if logging:
             callbacks += [LearningRateMonitor(logging_interval="step"), TokenThroughputMonitor()]
         if config.get("enable_progress_bar") is not False:
@@ -148,21 +153,17 @@ class SparseTransformerCLI(LightningCLI):
         except (ValueError, MisconfigurationException) as e:
             raise InputError(f"trainer: {' '.join(str(e).split())}") from e
         precision = str(config.get("precision"))
-        if trainer.accelerator.__class__.__name__ == "CPUAccelerator" and precision.startswith("16"):
+        if isinstance(trainer.accelerator, CPUAccelerator) and precision.startswith("16"):
             raise InputError(
                 f"trainer.precision={precision!r} needs a CUDA GPU (fp16 autocast); on a CPU use 32-true or bf16-mixed"
             )
         return trainer
 
-    def before_fit(self) -> None:
-        """``--ckpt_path last`` is the run folder's last.ckpt, and a new run refuses a folder that holds another
-        run's checkpoints; RunCheckpoint checks the checkpoint against this run before anything is restored."""
+    def fit(self, model: L.LightningModule, datamodule: L.LightningDataModule, **kwargs: Any) -> None:
+        """``trainer.fit`` from the run's checkpoint; in a run of several processes, watched for a failure of any."""
         if self.trainer.world_size > 1:
             self.watch = self._failure_watch()
-        ckpt_path = checkpoint_to_resume(self.trainer.default_root_dir, self.resume_from)
-        checkpoint = next(c for c in self.trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint))
-        checkpoint.seed, checkpoint.resume_from = self.seed, ckpt_path
-        self.config_init["fit"]["ckpt_path"] = ckpt_path
+        self.trainer.fit(model, datamodule, ckpt_path=self.run.resume_from)
 
     def after_fit(self) -> None:
         if self.watch is not None:
@@ -187,14 +188,6 @@ class SparseTransformerCLI(LightningCLI):
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
             return
         raise InputError(watch.report(message)) from error
-
-
-def lightning_refusal(error: Exception) -> bool:
-    """Whether ``error`` is a ValueError raised by Lightning's trainer or loops, which check the trainer's settings
-    against the data only once fit starts (``val_check_interval`` longer than an epoch, for one): bad input."""
-    frames = traceback.extract_tb(error.__traceback__)
-    where = frames[-1].filename.replace("\\", "/") if frames else ""
-    return isinstance(error, ValueError) and any(f"lightning/pytorch/{part}/" in where for part in ("trainer", "loops"))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

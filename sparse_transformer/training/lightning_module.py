@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.modality import Modality
+from sparse_transformer.modality import Modality, Text
 from sparse_transformer.model import ModelConfig, SparseTransformer
 
 
@@ -22,11 +20,12 @@ class SparseTransformerLM(L.LightningModule):
 
     Args:
         network: the model's options (``model.network.d_model: 256``); its ``seq_len`` is linked from the
-            DataModule by ``train.py``.
+            DataModule by ``train.py``. Resolved here against the modality, once: the hyperparameters and the
+            model hold the same, resolved config.
         lr, betas, weight_decay: AdamW; weight decay applies to matrices only.
         warmup_steps: linear warmup from 0, then cosine decay to ``min_lr_ratio * lr`` at the last step.
-        modality: what the bytes are (``Modality.spec()``); linked from the DataModule by ``train.py`` and kept
-            in the checkpoint, so sampling knows how to write its output.
+        modality: what the bytes are (None: text); linked from the DataModule by ``train.py`` and kept in the
+            checkpoint, so sampling knows how to write its output.
     """
 
     def __init__(
@@ -37,14 +36,20 @@ class SparseTransformerLM(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
-        modality: dict[str, Any] | None = None,
+        modality: Modality | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
         check_optimizer(lr, betas, weight_decay, warmup_steps, min_lr_ratio)
-        self.modality = Modality.from_spec(modality)
-        self.unit = self.modality.unit
-        self.model = SparseTransformer(network, self.modality)
+        self.modality = modality = modality or Text()
+        network = modality.resolve(network)
+        # The objects themselves, resolved (not LightningCLI's copy of the config as parsed): the checkpoint holds
+        # the config the model is built from, and load_from_checkpoint rebuilds it from the checkpoint alone.
+        self.save_hyperparameters(dict(
+            network=network, lr=lr, betas=tuple(betas), weight_decay=weight_decay, warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio, modality=modality,
+        ))  # fmt: skip
+        self.unit = modality.unit
+        self.model = SparseTransformer(network)
         self.train_bits, self.val_bits, self.test_bits = MeanMetric(), MeanMetric(), MeanMetric()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

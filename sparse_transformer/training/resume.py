@@ -21,7 +21,7 @@ import torch
 
 from sparse_transformer.errors import InputError
 
-FREE_ON_RESUME = {"model.network.backend", "model.network.recompute", "model.lr", "model.warmup_steps", "model.min_lr_ratio"}
+FREE_ON_RESUME = {"model.network.attention.backend", "model.network.recompute", "model.lr", "model.warmup_steps", "model.min_lr_ratio"}
 NOT_IDENTITY = {"data.num_workers"}  # how the data is read, not which data
 
 
@@ -34,6 +34,15 @@ def run_identity(module: L.LightningModule, datamodule: L.LightningDataModule | 
     identity = {k: v for k, v in identity.items() if k not in FREE_ON_RESUME | NOT_IDENTITY}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"hash": digest, **identity}
+
+
+def data_record(datamodule: L.LightningDataModule | None) -> dict[str, Any] | None:
+    """The DataModule's class and options, ``{"class_path": ..., "init_args": {...}}``: what a checkpoint keeps so
+    ``sample.py`` can rebuild its validation split."""
+    if datamodule is None:
+        return None
+    init_args = {k: v for k, v in dict(datamodule.hparams).items() if not str(k).startswith("_")}
+    return {"class_path": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}", "init_args": init_args}
 
 
 def fingerprint(datamodule: L.LightningDataModule) -> dict[str, Any]:
@@ -91,10 +100,11 @@ def read_checkpoint(path: str | Path) -> Any:
 
 def flat(hparams: Any, prefix: str = "") -> dict[str, Any]:
     """Hyperparameters as ``{"model.network.pattern.kind": "strided", ...}``, in the form they compare in whether
-    saved or parsed (dataclass or dict, tuple or list); private keys such as LightningCLI's ``_instantiator``
-    left out."""
+    saved or parsed (dataclass or dict, tuple or list); a dataclass also records its class (which attention
+    kind, which modality); private keys such as LightningCLI's ``_instantiator`` left out."""
     if dataclasses.is_dataclass(hparams):
-        hparams = dataclasses.asdict(hparams)
+        fields = {f.name: getattr(hparams, f.name) for f in dataclasses.fields(hparams)}
+        return {f"{prefix}class": type(hparams).__name__, **flat(fields, prefix)}
     if not isinstance(hparams, dict):
         return {prefix.removesuffix("."): list(hparams) if isinstance(hparams, tuple) else hparams}
     out = {}

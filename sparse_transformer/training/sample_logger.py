@@ -49,6 +49,8 @@ class SampleLogger(L.Callback):
         super().__init__()
         if every_n_val < 0 or num_samples < 1:
             raise InputError(f"samples every_n_val={every_n_val} must be >= 0 and num_samples={num_samples} >= 1")
+        if length is not None and length < 1:
+            raise InputError(f"samples length={length} must be >= 1 token")
         self.every_n_val, self.num_samples, self.length = every_n_val, num_samples, length
         self.sampling = Sampling(temperature, top_k, seed)  # a bad temperature or top-k: refused now, not at a validation
         self.validations = 0
@@ -57,8 +59,12 @@ class SampleLogger(L.Callback):
         self.sample_length(pl_module)  # a length the model cannot take stops the run now, not at a validation
 
     def sample_length(self, pl_module: L.LightningModule) -> int:
-        modality = pl_module.modality
-        return modality.sample_length(self.length, pl_module.model.seq_len, len(modality.first_tokens()))
+        modality, seq_len = pl_module.modality, pl_module.model.seq_len
+        if self.length is None:
+            return modality.default_length(seq_len, len(modality.prompt()))
+        if "length" not in modality.options and self.length != seq_len:
+            raise InputError(f"samples length={self.length}: a sample of {modality.noun} is one whole window of {seq_len} tokens")
+        return self.length
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.every_n_val:

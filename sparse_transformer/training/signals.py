@@ -25,9 +25,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopOnSignal(L.Callback):
-    """Records SIGTERM and SIGINT during training and stops at the next step boundary after saving."""
+    """Records SIGTERM and SIGINT during training and stops at the next step boundary after saving ``checkpoint``'s
+    last.ckpt."""
 
-    def __init__(self):
+    def __init__(self, checkpoint: RunCheckpoint):
+        self.checkpoint = checkpoint
         self.received = 0  # the signal's number on this rank; 0: none
         self.stopped: Interrupted | None = None  # what the CLI raises after fit, once every rank stopped
         self._previous: dict[int, object] = {}
@@ -62,9 +64,8 @@ class StopOnSignal(L.Callback):
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
         if not signum or self.stopped is not None:
             return
-        checkpoint = next(c for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint))
-        checkpoint.write_last(trainer)
+        self.checkpoint.write_last(trainer)
         trainer.should_stop = True
         name = signal.Signals(signum).name
-        message = f"{name} at step {trainer.global_step}; saved {checkpoint.last_path} (resume with --ckpt_path last)"
+        message = f"{name} at step {trainer.global_step}; saved {self.checkpoint.run.last} (resume with --ckpt_path last)"
         self.stopped = Interrupted(message, signum, show=trainer.is_global_zero)

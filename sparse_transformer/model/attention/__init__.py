@@ -1,27 +1,12 @@
-"""Attention kinds behind one interface (``base.Attention``); ``model.network.attention`` names the kind."""
+"""Attention kinds behind one interface (``base.Attention``); ``model.network.attention`` picks one by its options.
 
-from __future__ import annotations
+Each kind is one file: its options (an ``AttentionKind`` dataclass: name, checks, constructor) and its module.
+Importing the file registers the kind; a kind outside the library registers the same way.
+"""
 
-from typing import TYPE_CHECKING
-
-from sparse_transformer.model.attention.adaptive_span import AdaptiveSpanAttention, AdaptiveSpanConfig
+from sparse_transformer.model.attention.adaptive_span import AdaptiveSpan
 from sparse_transformer.model.attention.base import Attention, CannotDecode
-from sparse_transformer.model.attention.performer import PerformerAttention, PerformerConfig
-from sparse_transformer.model.attention.sparse import SparseAttention
+from sparse_transformer.model.attention.performer import Performer
+from sparse_transformer.model.attention.sparse import Sparse
 
-if TYPE_CHECKING:
-    from sparse_transformer.model.config import ModelConfig
-
-KINDS: dict[str, type[Attention]] = {
-    "sparse": SparseAttention,
-    "performer": PerformerAttention,
-    "adaptive_span": AdaptiveSpanAttention,
-}
-
-
-def build_attention(config: ModelConfig, seq_len: int, layer: int) -> Attention:
-    """The attention of block ``layer`` on a sequence of ``seq_len`` positions (a level's length in an Hourglass)."""
-    return KINDS[config.attention](config, seq_len, layer)
-
-
-__all__ = ["KINDS", "AdaptiveSpanConfig", "Attention", "CannotDecode", "PerformerConfig", "build_attention"]
+__all__ = ["AdaptiveSpan", "Attention", "CannotDecode", "Performer", "Sparse"]

@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from sparse_transformer.errors import InputError
 from sparse_transformer.model.attention.base import Attention
-
-if TYPE_CHECKING:
-    from sparse_transformer.model.config import ModelConfig
+from sparse_transformer.model.config import AttentionKind, ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
-class AdaptiveSpanConfig:
-    """Adaptive-span options (``model.network.adaptive_span`` in a config).
+class AdaptiveSpan(AttentionKind):
+    """A learned span per head on top of the pattern: ``attention: {class_path: AdaptiveSpan, init_args: {max_span: 256}}``.
 
     Args:
         max_span: S, the longest span a head can learn (keys further back are never seen).
@@ -44,15 +41,19 @@ class AdaptiveSpanConfig:
     init: float = 0.0
     penalty: float = 2e-6
     chunk_size: int = 64
+    name: ClassVar[str] = "adaptive_span"
 
     def __post_init__(self) -> None:
         for name in ("max_span", "ramp", "chunk_size"):
             if getattr(self, name) < 1:
-                raise InputError(f"adaptive_span {name}={getattr(self, name)} must be >= 1")
+                raise ConfigError(f"adaptive_span {name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.init <= 1:
-            raise InputError(f"adaptive_span init={self.init} must be a fraction of max_span in [0, 1]")
+            raise ConfigError(f"adaptive_span init={self.init} must be a fraction of max_span in [0, 1]")
         if self.penalty < 0:
-            raise InputError(f"adaptive_span penalty={self.penalty} must be >= 0")
+            raise ConfigError(f"adaptive_span penalty={self.penalty} must be >= 0")
+
+    def build(self, config: ModelConfig, seq_len: int, layer: int) -> AdaptiveSpanAttention:
+        return AdaptiveSpanAttention(config, seq_len, layer)
 
 
 def ramp_mask(span: torch.Tensor, distance: torch.Tensor, ramp: int) -> torch.Tensor:
@@ -63,11 +64,9 @@ def ramp_mask(span: torch.Tensor, distance: torch.Tensor, ramp: int) -> torch.Te
 class AdaptiveSpanAttention(Attention):
     """Multi-head causal attention with a learned span per head, on top of the pattern's layout."""
 
-    kind: ClassVar[str] = "adaptive_span"
-
     def __init__(self, config: ModelConfig, seq_len: int, layer: int):
         super().__init__(config)
-        self.options, self.block_size = config.adaptive_span, config.pattern.block_size
+        self.options, self.block_size = config.attention, config.pattern.block_size
         self.span_fraction = nn.Parameter(torch.full((config.n_heads,), float(self.options.init)))  # z / max_span
         layout = config.pattern.layout(config.n_heads, seq_len, layer)
         self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
@@ -118,6 +117,3 @@ class AdaptiveSpanAttention(Attention):
         head_dim = self.qkv.in_features // self.n_heads
         return self.n_heads * sum(2 * 2 * head_dim * (b - a) * (b - start) for a, b, start in self._chunks(n))
 
-
-# Checkpoints carry the config; let torch.load(weights_only=True) rebuild it.
-torch.serialization.add_safe_globals([AdaptiveSpanConfig])

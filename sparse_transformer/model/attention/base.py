@@ -14,16 +14,14 @@ A kind is multi-head causal self-attention ``(B, N, C) -> (B, N, C)``. It answer
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from sparse_transformer.errors import InputError
-
-if TYPE_CHECKING:
-    from sparse_transformer.model.config import ModelConfig
-    from sparse_transformer.model.kv_cache import BlockKVCache
+from sparse_transformer.model.config import ModelConfig
+from sparse_transformer.model.kv_cache import BlockKVCache
 
 
 class CannotDecode(InputError):
@@ -37,11 +35,11 @@ class Attention(nn.Module):
     :meth:`attention_flops`, and overrides the other methods where it has something to say.
     """
 
-    kind: ClassVar[str]  # config.attention's name for it, for messages
     can_decode: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.kind = config.attention.name  # for messages
         self.n_heads = config.n_heads
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
@@ -77,7 +75,7 @@ class Attention(nn.Module):
 
     def cannot_decode(self) -> CannotDecode:
         return CannotDecode(
-            f"attention={self.kind!r} has no key/value cache; generate by full recompute (sample.py --no-kv-cache)"
+            f"attention {self.kind!r} has no key/value cache; generate by full recompute (sample.py --no-kv-cache)"
         )
 
     def auxiliary_loss(self) -> torch.Tensor | None:

@@ -18,20 +18,18 @@ whatever the input dtype, so bf16/fp16 training is stable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-from sparse_transformer.errors import InputError
 from sparse_transformer.model.attention.base import Attention
-
-if TYPE_CHECKING:
-    from sparse_transformer.model.config import ModelConfig
+from sparse_transformer.model.config import AttentionKind, ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
-class PerformerConfig:
-    """FAVOR+ options (``model.network.performer`` in a config).
+class Performer(AttentionKind):
+    """FAVOR+ attention: ``attention: {class_path: Performer, init_args: {features: 64}}``. It is global causal
+    attention, so the pattern must be dense.
 
     Args:
         features: m, random features per head; the approximation error falls as 1/sqrt(m).
@@ -42,14 +40,25 @@ class PerformerConfig:
     features: int = 128
     redraw_every: int = 1000
     chunk_size: int = 64
+    name: ClassVar[str] = "performer"
 
     def __post_init__(self) -> None:
         if self.features < 1:
-            raise InputError(f"performer features={self.features} must be >= 1")
+            raise ConfigError(f"performer features={self.features} must be >= 1")
         if self.redraw_every < 0:
-            raise InputError(f"performer redraw_every={self.redraw_every} must be >= 0 (0 = never)")
+            raise ConfigError(f"performer redraw_every={self.redraw_every} must be >= 0 (0 = never)")
         if self.chunk_size < 1:
-            raise InputError(f"performer chunk_size={self.chunk_size} must be >= 1")
+            raise ConfigError(f"performer chunk_size={self.chunk_size} must be >= 1")
+
+    def check(self, config: ModelConfig) -> None:
+        if config.pattern.kind != "dense":
+            raise ConfigError(
+                f"attention 'performer' is global causal linear attention; pattern.kind={config.pattern.kind!r} "
+                "cannot restrict it (use pattern.kind: dense)"
+            )
+
+    def build(self, config: ModelConfig, seq_len: int, layer: int) -> PerformerAttention:
+        return PerformerAttention(config, seq_len, layer)
 
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -106,11 +115,9 @@ def favor_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Ten
 class PerformerAttention(Attention):
     """Multi-head causal attention with FAVOR+: global (the pattern must be dense), no N x N matrix."""
 
-    kind: ClassVar[str] = "performer"
-
     def __init__(self, config: ModelConfig, seq_len: int, layer: int):
         super().__init__(config)
-        self.options = config.performer
+        self.options = config.attention
         # The features and the seed they are drawn from are state: saved in checkpoints, restored on resume.
         self.register_buffer("seed", torch.randint(0, 2**62, ()))
         self.register_buffer("features", orthogonal_gaussian(self.options.features, config.head_dim))  # (m, D)
@@ -143,6 +150,3 @@ class PerformerAttention(Attention):
 def _chunk_lengths(n: int, chunk: int) -> list[int]:
     return [min(chunk, n - a) for a in range(0, n, chunk)]
 
-
-# Checkpoints carry the config; let torch.load(weights_only=True) rebuild it.
-torch.serialization.add_safe_globals([PerformerConfig])

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from sparse_transformer.model.config import ModelConfig
+from sparse_transformer.model.config import ModelConfig
 
 
 def memory_layout(layout: torch.Tensor, n_memory_blocks: int) -> torch.Tensor:
@@ -47,7 +44,7 @@ class PersistentMemory(nn.Module):
 
     def __init__(self, config: ModelConfig, layout: torch.Tensor):
         super().__init__()
-        H, M, D = config.n_heads, config.persistent_memory, config.head_dim
+        H, M, D = config.n_heads, config.attention.persistent_memory, config.head_dim
         self.n_memory, self.block_size = M, config.pattern.block_size
         self.keys = nn.Parameter(torch.randn(H, M, D) / math.sqrt(D))  # (H, M, D)
         self.values = nn.Parameter(torch.randn(H, M, D) / math.sqrt(M))  # (H, M, D)

@@ -9,31 +9,67 @@ kind with a key/value cache for incremental decoding (``kv_cache.py``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sparse_transformer.model.attention.base import Attention
 from sparse_transformer.model.attention.persistent_memory import PersistentMemory
-from sparse_transformer.model.kernels import get_backend
+from sparse_transformer.model.config import AttentionKind, ConfigError, ModelConfig
+from sparse_transformer.model.kernels import BACKENDS, Backend, get_backend
 from sparse_transformer.model.kv_cache import BlockKVCache
 
-if TYPE_CHECKING:
-    from sparse_transformer.model.config import ModelConfig
+
+@dataclass(frozen=True)
+class Sparse(AttentionKind):
+    """The pattern's tiles (the default kind): ``attention: {class_path: Sparse, init_args: {backend: pieces}}``.
+
+    Args:
+        backend: how the tiles are computed; every backend computes the same function. ``auto``: triton on
+            CUDA, pieces on the CPU, blocks elsewhere.
+        persistent_memory: M learned key/value vectors per head joined to every softmax, in place of the
+            feed-forward sublayer (the all-attention layer); a multiple of the pattern's block_size; 0 is off.
+    """
+
+    backend: Backend = "auto"
+    persistent_memory: int = 0
+    name: ClassVar[str] = "sparse"
+
+    def __post_init__(self) -> None:
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ConfigError(f"attention backend {self.backend!r} is not one of auto, {', '.join(BACKENDS)}")
+        m = self.persistent_memory
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ConfigError(f"persistent_memory={m!r} must be an int >= 0 (0 turns it off)")
+
+    def check(self, config: ModelConfig) -> None:
+        m = self.persistent_memory
+        if m % config.pattern.block_size:
+            raise ConfigError(
+                f"persistent_memory={m} must be a multiple of pattern block_size={config.pattern.block_size}: "
+                "the persistent vectors are joined as whole key blocks"
+            )
+
+    def build(self, config: ModelConfig, seq_len: int, layer: int) -> SparseAttention:
+        return SparseAttention(config, seq_len, layer)
+
+    @property
+    def replaces_feed_forward(self) -> bool:
+        return self.persistent_memory > 0
 
 
 class SparseAttention(Attention):
-    """The pattern's layer ``layer`` at sequence length ``seq_len``, computed by ``config.backend``."""
+    """The pattern's layer ``layer`` at sequence length ``seq_len``, computed by the kind's backend."""
 
-    kind: ClassVar[str] = "sparse"
     can_decode: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig, seq_len: int, layer: int):
         super().__init__(config)
-        self.block_size, self.backend = config.pattern.block_size, config.backend
+        self.block_size, self.backend = config.pattern.block_size, config.attention.backend
         layout = config.pattern.layout(config.n_heads, seq_len, layer)
         self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
-        self.memory = PersistentMemory(config, layout) if config.persistent_memory else None
+        self.memory = PersistentMemory(config, layout) if config.attention.persistent_memory else None
         self._tiles: dict[int, int] = {}  # query blocks -> tiles computed, summed over heads
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: BlockKVCache | None) -> torch.Tensor:

@@ -8,48 +8,36 @@ whose diagonal tiles are masked element-wise. ``reference`` is the oracle the ot
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 
-from sparse_transformer.model.kernels.reference import reference_attention
-
 AttentionFn = Callable[..., torch.Tensor]
-BACKENDS = ("auto", "triton", "pieces", "blocks", "flex", "reference")
+
+# name -> where its function lives. Imported on first use: Triton reads TRITON_INTERPRET when it is first
+# imported, and a CPU run never needs it.
+BACKENDS: dict[str, str] = {
+    "triton": "sparse_transformer.model.kernels.blocksparse:blocksparse_attention",
+    "pieces": "sparse_transformer.model.kernels.pieces:pieces_attention",
+    "blocks": "sparse_transformer.model.kernels.blocks:blocks_attention",
+    "flex": "sparse_transformer.model.kernels.flex:flex_attention",
+    "reference": "sparse_transformer.model.kernels.reference:reference_attention",
+}
+AUTO = {"cuda": "triton", "cpu": "pieces"}  # what ``auto`` picks on a device; ``blocks`` elsewhere (e.g. Apple's MPS)
+Backend = Literal[("auto", *BACKENDS)]  # a config's choice, as the CLI lists it
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend ``name`` stands for on ``device``: itself, or ``auto``'s pick."""
+    return AUTO.get(device.type, "blocks") if name == "auto" else name
 
 
 def get_backend(name: str, device: torch.device) -> AttentionFn:
-    """The attention function for backend ``name``; ``auto`` is triton on CUDA, pieces on the CPU (PyTorch's
-    fused flash kernel on unmasked pieces of the layout) and blocks elsewhere (e.g. Apple's MPS).
-
-    Imports are lazy: Triton reads TRITON_INTERPRET when it is first imported.
-    """
-    if name == "auto":
-        name = {"cuda": "triton", "cpu": "pieces"}.get(device.type, "blocks")
-    if name == "reference":
-        return reference_attention
-    if name == "blocks":
-        from sparse_transformer.model.kernels.blocks import blocks_attention
-
-        return blocks_attention
-    if name == "pieces":
-        from sparse_transformer.model.kernels.pieces import pieces_attention
-
-        return pieces_attention
-    if name == "triton":
-        from sparse_transformer.model.kernels.blocksparse import blocksparse_attention
-
-        return blocksparse_attention
-    if name == "flex":
-        from sparse_transformer.model.kernels.flex import flex_attention
-
-        return flex_attention
-    raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
-
-
-def __getattr__(name: str):
-    if name == "blocksparse_attention":
-        from sparse_transformer.model.kernels.blocksparse import blocksparse_attention
-
-        return blocksparse_attention
-    raise AttributeError(name)
+    """The attention function of backend ``name`` (or ``auto``) on ``device``."""
+    name = resolve_backend(name, device)
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
+    module, function = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), function)
