@@ -28,8 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from sparse_transformer.files import write_atomic  # noqa: E402
-from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
-from sparse_transformer.model.hourglass import HourglassConfig  # noqa: E402
+from sparse_transformer.model import AttentionPattern, HourglassConfig, ModelConfig, Sparse, SparseTransformer  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,12 +50,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def variants(args: argparse.Namespace) -> dict[str, dict]:
-    rows = {"flat": {}, f"all-attention, M={args.memory}": {"persistent_memory": args.memory}}
+    memory = Sparse(persistent_memory=args.memory)
+    rows = {"flat": {}, f"all-attention, M={args.memory}": {"attention": memory}}
     for spec in args.specs:
         rows[f"hourglass {spec}"] = {"hourglass": HourglassConfig(spec)}
     rows[f"hourglass {args.specs[0]} + all-attention"] = {
         "hourglass": HourglassConfig(args.specs[0]),
-        "persistent_memory": args.memory,
+        "attention": memory,
     }
     return rows
 

@@ -29,10 +29,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from sparse_transformer.data.audio import load_mu_law  # noqa: E402
+from sparse_transformer.audio_codec import decode, read_codes  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
-from sparse_transformer.modality import Audio  # noqa: E402
 
 FIGURES = ROOT / "docs" / "figures"
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field")
@@ -142,7 +141,7 @@ def speech() -> None:
             "--seconds", "1.5", "--num-samples", "2", "--temperature", str(SPEECH_TEMPERATURE),
             "--out", str(out.relative_to(ROOT)))  # fmt: skip
     continued = [soundfile.read(out / f"sample_{i}.wav", dtype="float32") for i in range(2)]
-    recording = Audio.to_waveform(torch.from_numpy(load_mu_law(data / "held-out.wav", continued[0][1]))).numpy()
+    recording = decode(torch.from_numpy(read_codes(data / "held-out.wav", continued[0][1]))).numpy()
     plot_speech(recording, [w for w, _ in continued], continued[0][1], FIGURES / "speech.png")
     print(f"wrote {FIGURES / 'speech.png'} and the sounds in {out}")
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from sparse_transformer.errors import InputError
-
-if TYPE_CHECKING:
-    from sparse_transformer.modality import Modality
-    from sparse_transformer.model import SparseTransformer
+from sparse_transformer.modality import Modality
+from sparse_transformer.model import SparseTransformer
 
 
 @dataclass(frozen=True)
