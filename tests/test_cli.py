@@ -1,5 +1,6 @@
 """End to end through the real command lines: train the tiny config, sample from its checkpoint, bad input."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,9 @@ def test_fit_writes_checkpoints_and_metrics(checkpoint):
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
-    assert state["hyper_parameters"]["network"]["pattern"]["kind"] == "strided"
-    assert state["hyper_parameters"]["network"]["seq_len"] == 64  # linked from data.seq_len
+    network = state["hyper_parameters"]["network"]  # the resolved config the model was built from
+    assert network.pattern.kind == "strided" and network.pattern.stride == 16 and network.positions == (64,)
+    assert network.seq_len == 64  # linked from data.seq_len
 
 
 def test_sample_is_reproducible_and_written(checkpoint, tmp_path):
@@ -109,7 +111,7 @@ def test_sample_refuses_missing_or_corrupt_checkpoint(tmp_path):
 
 def test_sample_refuses_a_checkpoint_whose_weights_do_not_fit_its_config(checkpoint, tmp_path):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state["hyper_parameters"]["network"]["n_layers"] = 3  # the weights are of 2 layers
+    state["hyper_parameters"]["network"] = dataclasses.replace(state["hyper_parameters"]["network"], n_layers=3)  # weights: 2
     torch.save(state, tmp_path / "mismatched.ckpt")
     error = one_error_line(run("sample.py", "--ckpt", str(tmp_path / "mismatched.ckpt")))
     assert error.startswith(f"error: checkpoint {tmp_path / 'mismatched.ckpt'} does not match the model it describes (")

@@ -55,7 +55,9 @@ def test_image_training_logs_bits_per_dim_and_samples(image_ckpt):
     (checkpointing,) = [v for k, v in state["callbacks"].items() if k.startswith("RunCheckpoint")]
     assert checkpointing["monitor"] == "val_bpd" and 0 < float(checkpointing["best_model_score"]) < 9
     run = image_ckpt.parents[1]
-    (grid,) = run.glob("samples/step=*/samples.png")  # SampleLogger: 2 samples, one row
+    grids = sorted(run.glob("samples/step=*/samples.png"))  # SampleLogger at validations (steps 3 and 6): 2 samples, one row
+    assert [g.parent.name for g in grids] == ["step=3", "step=6"]
+    grid = grids[-1]
     assert Image.open(grid).size == (26 * (2 * 9 + 1), 26 * (9 + 1))  # scaled up to 256 pixels on the short side
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -77,7 +77,7 @@ def test_a_check_that_fails_on_one_node_ends_both_at_once_with_its_line(tmp_path
     node1 = node(1, port, tmp_path / "node1", "--ckpt_path", "last", "--trainer.max_steps", "4")
     code1, lines1, end1 = error_lines(node1)
     code0, lines0, end0 = error_lines(node0)
-    expected = f"error: rank 1: --ckpt_path last: no {tmp_path / 'node1' / 'checkpoints' / 'last.ckpt'};"
+    expected = f"error: node 1: --ckpt_path last: no {tmp_path / 'node1' / 'checkpoints' / 'last.ckpt'};"
     assert code0 == code1 == 2 and len(lines0) == len(lines1) == 1
     assert lines0 == lines1 and lines0[0].startswith(expected)
     assert abs(end0 - end1) < 10  # within seconds of each other, not after a 30-minute rendezvous timeout

@@ -40,7 +40,7 @@ def test_variant_trains_and_samples(overlay, tmp_path):
 
 def test_overlays_compose_and_name_the_run_folder():
     configs = ["--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / "configs/variants/performer.yaml")]
-    args = ["fit", *configs, "--trainer.logger", "false"]
+    args = [*configs, "--trainer.logger", "false"]
     cli = train.main(args, run=False)
     assert isinstance(cli.model.model.config.attention, Performer) and cli.model.model.config.pattern.kind == "dense"
     assert cli.model.model.config.n_layers == 2  # the rest is tiny.yaml's
