@@ -33,12 +33,23 @@ class PositionalEmbedding(nn.Module):
         self.tables = nn.ParameterList(nn.Parameter(torch.randn(n, d_model) * 0.01) for n in self.shape)
         strides = [math.prod(self.shape[a + 1 :]) for a in range(len(self.shape))]
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
+        self.register_buffer("sizes", torch.tensor(self.shape), persistent=False)
 
     def forward(self, n: int, start: int = 0) -> torch.Tensor:
-        """Embeddings of positions ``start .. start + n - 1``: ``[n, C]``."""
+        """Embeddings of positions ``start .. start + n - 1``: ``[n, C]``.
+
+        A training step asks for every position: 1-D is a slice of the table and several axes one broadcast
+        sum, with no gather to run forward or scatter backward. Decoding asks for a few: those are gathered.
+        """
+        if len(self.tables) == 1:
+            return self.tables[0][start : start + n]  # (n, C)
+        if start == 0 and n == math.prod(self.shape):
+            axes = len(self.shape)
+            grid = sum(t.view(*(t.shape[0] if a == i else 1 for a in range(axes)), -1) for i, t in enumerate(self.tables))
+            return grid.reshape(n, -1)  # (rows, cols, ..., C) -> (n, C)
         pos = torch.arange(start, start + n, device=self.strides.device)
-        coords = (pos.unsqueeze(1) // self.strides) % torch.tensor(self.shape, device=pos.device)  # (N, axes)
-        return sum(table[coords[:, a]] for a, table in enumerate(self.tables))  # (N, C)
+        coords = (pos.unsqueeze(1) // self.strides) % self.sizes  # (n, axes)
+        return sum(table[coords[:, a]] for a, table in enumerate(self.tables))  # (n, C)
 
 
 class MLP(nn.Module):
