@@ -115,6 +115,8 @@ class SparseTransformer(nn.Module):
         self.hourglass = None if flat else Hourglass(config, config.seq_len, block)
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Compiled views of the blocks, sharing their parameters; a plain dict, so the state dict keeps its keys.
+        self._compiled: dict[int, nn.Module] = {}
         self.apply(self._init)
         # Residual projections start small so the sum over the residual branches (2 per block, 1 without
         # a feed-forward sublayer) keeps unit scale (section 5.2).
@@ -147,6 +149,8 @@ class SparseTransformer(nn.Module):
         return self.head(self.norm(x))[:, :N]  # (B, N, vocab)
 
     def _run(self, block: Block, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        if self.config.compile and cache is None:
+            block = self._compiled.setdefault(id(block), torch.compile(block))
         if self.config.recompute and self.training:
             return checkpoint(block, x, use_reentrant=False)
         return block(x, cache)
