@@ -35,7 +35,7 @@ def get_backend(name: str, device: torch.device) -> AttentionFn:
     if name == "pieces":
         from sparse_transformer.model.kernels.pieces import pieces_attention
 
-        return pieces_attention
+        return _pieces_eager if torch.compiler.is_compiling() else pieces_attention
     if name == "triton":
         from sparse_transformer.model.kernels.blocksparse import blocksparse_attention
 
@@ -45,6 +45,15 @@ def get_backend(name: str, device: torch.device) -> AttentionFn:
 
         return flex_attention
     raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
+
+
+@torch.compiler.disable
+def _pieces_eager(*args, **kwargs) -> torch.Tensor:
+    """pieces as one call that ``torch.compile`` leaves to eager mode: it plans its kernel calls in Python from
+    cached per-layout tables, which Dynamo would trace through (and recompile on) but not fuse."""
+    from sparse_transformer.model.kernels.pieces import pieces_attention
+
+    return pieces_attention(*args, **kwargs)
 
 
 def __getattr__(name: str):
