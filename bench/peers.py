@@ -331,10 +331,9 @@ def main() -> None:
                     f"({row['growth_mib']:.0f} above imports), {row['bits']:.3f} bits/byte, {row['wall_s']:.0f} s",
                     flush=True,
                 )
-    command = shlex.join(["python", "bench/peers.py", *sys.argv[1:]])
-    text = report(rows, args, command, started, " ".join(load))
-    out = args.out or ROOT / "bench" / "results" / "peers-cpu.md"
-    write_atomic(out, text)
+        text = report(rows, args, shlex.join(["python", "bench/peers.py", *sys.argv[1:]]), started, " ".join(load))
+        out = args.out or ROOT / "bench" / "results" / "peers-cpu.md"
+        write_atomic(out, text)  # after every N, so a long run's finished contexts are kept
     print(f"\n{text}\nwritten to {out}")
 
 
