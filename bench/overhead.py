@@ -98,15 +98,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="training steps per round and side")
     p.add_argument("--skip", type=int, default=5, help="first steps of each round left out (allocation, caches)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, each running every side")
+    p.add_argument("--sides", nargs="+", choices=["plain", "lightning", "peer"], default=["plain", "lightning", "peer"])
     p.add_argument("--out", type=Path, help="default: bench/results/overhead-<device>.md")
     args = p.parse_args()
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
-    sides = {PLAIN: plain_marks, LIGHTNING: lightning_marks}
+    sides = {
+        name: run
+        for key, name, run in (("plain", PLAIN, plain_marks), ("lightning", LIGHTNING, lightning_marks))
+        if key in args.sides
+    }
     try:
         import x_transformers  # noqa: F401
 
-        sides[PEER] = peer_marks
+        if "peer" in args.sides:
+            sides[PEER] = peer_marks
     except ImportError:
         print("no dense peer: x-transformers is not installed (pip install -e '.[peers]')")
     steps: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
@@ -118,7 +124,7 @@ def main() -> None:
                 steps[name] += mine
                 print(f"round {r}: {name}: median {1e3 * statistics.median(s['total'] for s in mine):.1f} ms/step", flush=True)
     med = {name: {k: 1e3 * statistics.median(s[k] for s in steps[name]) for k in (*SEGMENTS, "total")} for name in steps}
-    plain = med[PLAIN]["total"]
+    plain = med[PLAIN]["total"] if PLAIN in med else float("nan")
     peer = med.get(PEER, {}).get("total")
     lines = [
         f"# Framework overhead on {cpu_line()}",
