@@ -42,7 +42,9 @@ class PositionalEmbedding(nn.Module):
         sum, with no gather to run forward or scatter backward. Decoding asks for a few: those are gathered.
         """
         if len(self.tables) == 1:
-            return self.tables[0][start : start + n]  # (n, C)
+            # A copy, not a view: a view of a parameter taken under no_grad claims requires_grad with no grad_fn,
+            # which module hooks (FlopCounterMode's module tracker) refuse.
+            return self.tables[0][start : start + n].clone()  # (n, C)
         if start == 0 and n == math.prod(self.shape):
             axes = len(self.shape)
             grid = sum(t.view(*(t.shape[0] if a == i else 1 for a in range(axes)), -1) for i, t in enumerate(self.tables))
