@@ -206,16 +206,16 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], config_path: Path
         f"- command: `{command}`",
         f"- date: {started}; torch {torch.__version__}, lightning {L.__version__}",
         f"- every variant starts from: {overlays_text(config['configs'])}",
-        f"- every variant: same seed, data and {rows[0]['steps']} training steps, each in its own process",
+        "- every variant: same seed and data, its training steps in the table, each in its own process",
         "",
-        f"| variant | overlays | params | val bits/byte | train tokens/s | x {rows[0]['variant']} | {memory} | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| variant | overlays | params | val bits/byte | train tokens/s | x {rows[0]['variant']} | {memory} | wall s | steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {overlays_text(r['overlays'])} | {r['params']:,} | {r['val_bpb']:.3f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f} | {r['peak_mib']:.1f} | "
-            f"{r['wall_s']:.1f} |"
+            f"{r['wall_s']:.1f} | {r['steps']} |"
         )
     lines += [
         "",
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     device = "cuda" if rows[0]["device"].startswith("cuda") else "cpu"
     out = args.out or Path(config.get("out") or ROOT / "bench" / "results" / f"compare-{args.config.stem}-{device}.md")
     curves = {r["variant"]: r["curve"] for r in rows}
-    title = f"{args.config.name}: {rows[0]['steps']} steps, same data and seed, {device_name(torch.device(rows[0]['device']))}"
+    title = f"{args.config.name}: same data and seed, {device_name(torch.device(rows[0]['device']))}"
     text += "\n" + plots.training_curves(curves, out.with_suffix(".png"), title) + "\n"
     write_atomic(out, text)
     print(f"\n{text}\nwritten to {out}")

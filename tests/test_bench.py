@@ -49,3 +49,18 @@ def test_memory_bench_sees_the_reference_grow_quadratically(tmp_path):
     assert set(rows) == {("sdpa", "causal"), ("pieces", "strided"), ("blocks", "strided"), ("reference", "strided")}
     small, large = (float(x) for x in rows["reference", "strided"][:2])
     assert large > 3 * small > 0  # its N x N matrices: 4x the bytes at 2N
+
+
+def test_peers_bench_trains_both_models_on_the_same_budget(tmp_path):
+    pytest.importorskip("x_transformers", reason="bench/peers.py needs the peers extra: pip install -e '.[peers]'")
+    out = tmp_path / "peers.md"
+    result = run("bench/peers.py", "--cases", "64:2:4", "--skip", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r[3]: r for r in table_rows(out.read_text(), "| N | batch | steps | model |")}
+    assert set(rows) == {"peer", "ours"}
+    for row in rows.values():
+        n, batch, steps, _, _, tokens_per_s, _, _, peak, _, growth, _, bits, _ = row
+        assert (n, batch, steps) == ("64", "2", "4")
+        assert float(tokens_per_s.replace(",", "")) > 0 and float(peak) > float(growth) > 0
+        assert 0 < float(bits) < 9  # bits per byte of a barely trained model: about 8, never more than 9
+    assert out.with_suffix(".png").stat().st_size > 10_000

@@ -83,6 +83,9 @@ class ModelConfig:
             (section 5.1), 1-D for text.
         recompute: recompute each block's activations in the backward pass instead of storing them,
             trading about a third more compute for memory that no longer grows with depth.
+        compile: ``torch.compile`` each block for training and evaluation (Inductor: norms, projections and
+            the feed-forward fused; the attention kernel stays one call). Costs a compile at the first step;
+            sampling's incremental decoding runs eagerly.
         seq_len: the context N; linked from the DataModule's seq_len by ``train.py``.
         vocab_size: 256: the model reads bytes.
     """
@@ -97,6 +100,7 @@ class ModelConfig:
     hourglass: HourglassConfig | None = None
     positions: tuple[int, ...] | None = None
     recompute: bool = False
+    compile: bool = False
     seq_len: int | None = None
     vocab_size: int = 256
 

@@ -32,12 +32,25 @@ class PositionalEmbedding(nn.Module):
         self.tables = nn.ParameterList(nn.Parameter(torch.randn(n, d_model) * 0.01) for n in self.shape)
         strides = [math.prod(self.shape[a + 1 :]) for a in range(len(self.shape))]
         self.register_buffer("strides", torch.tensor(strides), persistent=False)
+        self.register_buffer("sizes", torch.tensor(self.shape), persistent=False)
 
     def forward(self, n: int, start: int = 0) -> torch.Tensor:
-        """Embeddings of positions ``start .. start + n - 1``: ``[n, C]``."""
+        """Embeddings of positions ``start .. start + n - 1``: ``[n, C]``.
+
+        A training step asks for every position: 1-D is a slice of the table and several axes one broadcast
+        sum, with no gather to run forward or scatter backward. Decoding asks for a few: those are gathered.
+        """
+        if len(self.tables) == 1:
+            # A copy, not a view: a view of a parameter taken under no_grad claims requires_grad with no grad_fn,
+            # which module hooks (FlopCounterMode's module tracker) refuse.
+            return self.tables[0][start : start + n].clone()  # (n, C)
+        if start == 0 and n == math.prod(self.shape):
+            axes = len(self.shape)
+            grid = sum(t.view(*(t.shape[0] if a == i else 1 for a in range(axes)), -1) for i, t in enumerate(self.tables))
+            return grid.reshape(n, -1)  # (rows, cols, ..., C) -> (n, C)
         pos = torch.arange(start, start + n, device=self.strides.device)
-        coords = (pos.unsqueeze(1) // self.strides) % torch.tensor(self.shape, device=pos.device)  # (N, axes)
-        return sum(table[coords[:, a]] for a, table in enumerate(self.tables))  # (N, C)
+        coords = (pos.unsqueeze(1) // self.strides) % self.sizes  # (n, axes)
+        return sum(table[coords[:, a]] for a, table in enumerate(self.tables))  # (n, C)
 
 
 class MLP(nn.Module):
@@ -104,6 +117,8 @@ class SparseTransformer(nn.Module):
         self.hourglass = None if flat else Hourglass(config, config.seq_len, block)
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Compiled views of the blocks, sharing their parameters; a plain dict, so the state dict keeps its keys.
+        self._compiled: dict[int, nn.Module] = {}
         self.apply(self._init)
         # Residual projections start small so the sum over the residual branches (2 per block, 1 without
         # a feed-forward sublayer) keeps unit scale (section 5.2).
@@ -136,6 +151,8 @@ class SparseTransformer(nn.Module):
         return self.head(self.norm(x))[:, :N]  # (B, N, vocab)
 
     def _run(self, block: Block, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        if self.config.compile and cache is None:
+            block = self._compiled.setdefault(id(block), torch.compile(block))
         if self.config.recompute and self.training:
             return checkpoint(block, x, use_reentrant=False)
         return block(x, cache)

@@ -3,8 +3,8 @@
 A checkpoint records its run's identity: the model's options, the data (its DataModule, options and a
 fingerprint of its files) and the seed, with a hash of all of them. Resuming from a checkpoint of another run,
 or from a file that is no checkpoint of ours, stops in one line naming the file and what differs, before
-anything is restored. What may change on resume: the attention backend and recomputation (they do not change
-the function), the learning rate and its schedule (a diverged run resumes with a lower lr), and anything of
+anything is restored. What may change on resume: the attention backend, recomputation and compilation (they do not
+change the function), the learning rate and its schedule (a diverged run resumes with a lower lr), and anything of
 the trainer's (more steps, other devices, workers).
 """
 
@@ -21,7 +21,10 @@ import torch
 
 from sparse_transformer.errors import InputError
 
-FREE_ON_RESUME = {"model.network.attention.backend", "model.network.recompute", "model.lr", "model.warmup_steps", "model.min_lr_ratio"}
+FREE_ON_RESUME = {
+    "model.network.attention.backend", "model.network.recompute", "model.network.compile", "model.lr", "model.warmup_steps",
+    "model.min_lr_ratio",
+}  # how the same function is computed, and the learning rate
 NOT_IDENTITY = {"data.num_workers"}  # how the data is read, not which data
 
 

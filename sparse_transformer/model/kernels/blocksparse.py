@@ -7,6 +7,8 @@ the work is proportional to the number of non-zero tiles and no N x N buffer is 
   log2(e) * scale folded into the scores), fp32 accumulators; saves the row log-sum-exp.
 - backward: delta = rowsum(dO * O), then dK, dV per key block over the query blocks of its column, then
   dQ per query block over its row. Separate passes, so no atomics and deterministic gradients.
+- both are ``torch.library.triton_op`` custom operators with their autograd registered, so torch.compile
+  keeps each kernel whole inside a compiled model.
 
 A causal layout with its diagonal set puts the diagonal tile last in each row and first in each column;
 only that tile is masked element-wise (j <= i).
@@ -21,6 +23,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from sparse_transformer.model.kernels.checks import check_inputs
 from sparse_transformer.model.kernels.lut import LayoutTables, layout_tables
@@ -270,46 +273,76 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, tables: LayoutTables, block_size: int, scale: float):
-        q, k, v = (_rows_contiguous(t) for t in (q, k, v))
-        B, H, N, D = q.shape
-        o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # log2-sum-exp2 of each row
-        grid = (N // block_size, B * H)
-        with _on(q.device):
-            _fwd_kernel[grid](
-                q, k, v, o, lse, tables.rows.index, tables.rows.count, scale * LOG2E.value,
-                *_strides(q), *_strides(k), *_strides(v), H, N, tables.rows.width,
-                HEAD_DIM=D, BLOCK=block_size, PRECISION=_precision(q.dtype),
-            )
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.tables, ctx.block_size, ctx.scale = tables, block_size, scale
-        return o
+def _launch(kernel):
+    """A kernel as ``torch.compile`` sees it (``wrap_triton``), so Inductor schedules it whole; the interpreter's
+    kernels are not JIT functions, and run as they are."""
+    return kernel if _INTERPRET else wrap_triton(kernel)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        tables, block_size, scale = ctx.tables, ctx.block_size, ctx.scale
-        do = _rows_contiguous(do)
-        B, H, N, D = q.shape
-        delta = torch.empty_like(lse)  # (B, H, N)
-        dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
-        grid = (N // block_size, B * H)
-        common = dict(HEAD_DIM=D, BLOCK=block_size, PRECISION=_precision(q.dtype))
-        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        with _on(q.device):
-            _bwd_delta_kernel[grid](o, do, delta, *_strides(do), H, N, HEAD_DIM=D, BLOCK=block_size)
-            _bwd_dkdv_kernel[grid](
-                q, k, v, do, dk, dv, lse, delta, tables.cols.index, tables.cols.count, scale,
-                *strides, H, N, tables.cols.width, **common,
-            )
-            _bwd_dq_kernel[grid](
-                q, k, v, do, dq, lse, delta, tables.rows.index, tables.rows.count, scale,
-                *strides, H, N, tables.rows.width, **common,
-            )
-        return dq, dk, dv, None, None, None
+
+# Custom operators (torch.library): torch.compile keeps each one whole, one Triton kernel per pass, instead of
+# stopping at an opaque autograd.Function. Their fake (shape) implementation is the function itself, traced.
+@triton_op("sparse_transformer::blocksparse_forward", mutates_args=())
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor, row_count: torch.Tensor,
+    col_index: torch.Tensor, col_count: torch.Tensor, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and row log2-sum-exp2 ``[B, H, N]``; the column tables ride along for the backward."""
+    B, H, N, D = q.shape
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)  # log2-sum-exp2 of each row
+    grid = (N // block_size, B * H)
+    with _on(q.device):
+        _launch(_fwd_kernel)[grid](
+            q, k, v, o, lse, row_index, row_count, scale * LOG2E.value,
+            *_strides(q), *_strides(k), *_strides(v), H, N, row_index.shape[-1],
+            HEAD_DIM=D, BLOCK=block_size, PRECISION=_precision(q.dtype),
+        )
+    return o, lse
+
+
+@triton_op("sparse_transformer::blocksparse_backward", mutates_args=())
+def _backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    row_index: torch.Tensor, row_count: torch.Tensor, col_index: torch.Tensor, col_count: torch.Tensor,
+    block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv: delta, then dK and dV per key block over its column, then dQ per query block over its row."""
+    B, H, N, D = q.shape
+    delta = torch.empty_like(lse)  # (B, H, N)
+    dq, dk, dv = (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    grid = (N // block_size, B * H)
+    common = dict(HEAD_DIM=D, BLOCK=block_size, PRECISION=_precision(q.dtype))
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    with _on(q.device):
+        _launch(_bwd_delta_kernel)[grid](o, do, delta, *_strides(do), H, N, HEAD_DIM=D, BLOCK=block_size)
+        _launch(_bwd_dkdv_kernel)[grid](
+            q, k, v, do, dk, dv, lse, delta, col_index, col_count, scale,
+            *strides, H, N, col_index.shape[-1], **common,
+        )
+        _launch(_bwd_dq_kernel)[grid](
+            q, k, v, do, dq, lse, delta, row_index, row_count, scale,
+            *strides, H, N, row_index.shape[-1], **common,
+        )
+    return dq, dk, dv
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    q, k, v, row_index, row_count, col_index, col_count, block_size, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, row_index, row_count, col_index, col_count)
+    ctx.block_size, ctx.scale = block_size, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _gradients(ctx, do, _dlse):
+    q, k, v, o, lse, row_index, row_count, col_index, col_count = ctx.saved_tensors
+    dq, dk, dv = _backward(
+        q, k, v, o, lse, _rows_contiguous(do), row_index, row_count, col_index, col_count, ctx.block_size, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_save_for_backward)
 
 
 def _check_triton(q: torch.Tensor, block_size: int) -> None:
@@ -335,9 +368,18 @@ def blocksparse_attention(
     Differentiable in q, k, v. ``scale`` defaults to 1/sqrt(D). Keep the layout on q's device: the lookup
     tables are cached per layout tensor, and a copy made on every call misses the cache.
     """
+    tables = _checked_tables(q, k, v, layout, block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = (_rows_contiguous(t) for t in (q, k, v))
+    rows, cols = tables.rows, tables.cols
+    o, _ = _forward(q, k, v, rows.index, rows.count, cols.index, cols.count, block_size, scale)
+    return o
+
+
+@torch.compiler.disable
+def _checked_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int) -> LayoutTables:
+    """The checks and the cached tables, in eager mode: they read the layout's values once per layout, which a
+    compiled graph would have to guard on."""
     _check_triton(q, block_size)
     check_inputs(q, k, v, layout, block_size)
-    B, H, N, D = q.shape
-    tables = layout_tables(layout.to(q.device))
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return _BlockSparseAttention.apply(q, k, v, tables, block_size, scale)
+    return layout_tables(layout.to(q.device))

@@ -88,6 +88,7 @@ class Plan:
     gathers: tuple[Gather, ...]
 
 
+@torch.compiler.disable  # under torch.compile, one eager call: Dynamo would trace (and recompile on) its planning
 def pieces_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
