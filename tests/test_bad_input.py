@@ -204,7 +204,7 @@ def test_sampling_requests_that_cannot_be_met(capsys, checkpoint, tmp_path, monk
     assert sampling_fails(capsys, *ckpt, "--length", "0") == "error: --length=0 must be >= 1"
     (tmp_path / "taken").write_text("x")
     assert sampling_fails(capsys, *ckpt, "--out", str(tmp_path / "taken")) == (
-        f"error: --out {tmp_path / 'taken'} is a file; give a folder for the samples"
+        f"error: --out {tmp_path / 'taken'} is a file; give a folder"
     )
     assert sampling_fails(capsys, *ckpt, "--prompt-file", str(tmp_path / "none.txt")) == (
         f"error: --prompt-file {tmp_path / 'none.txt'} not found"
