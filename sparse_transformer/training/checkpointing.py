@@ -119,7 +119,8 @@ class RunCheckpoint(ModelCheckpoint):
         """ModelCheckpoint's save of a best checkpoint, with the same refusals as last.ckpt's."""
         with self._refusals():
             super()._save_checkpoint(trainer, filepath)
-        self.good, self.good_step = Path(filepath), trainer.global_step
+        if self.good_step != trainer.global_step:  # of two of one step, name last.ckpt: the one a resume takes
+            self.good, self.good_step = Path(filepath), trainer.global_step
 
     @contextmanager
     def _refusals(self) -> Iterator[None]:

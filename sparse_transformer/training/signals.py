@@ -4,12 +4,14 @@ A cluster scheduler sends SIGTERM before it preempts a job (so does ``timeout``)
 Lightning's own handling exits 0 on SIGTERM and 1 on SIGINT, saves nothing, and first runs a full validation,
 which can outlast a scheduler's grace period. Here, by phase:
 
-- start-up and the sanity check: nothing is written yet (``run_folder.py``), so the run stops at once;
+- start-up and the sanity check: no checkpoint is written yet (and in start-up, nothing at all: ``run_folder.py``),
+  so the run stops at once;
 - training: the handler only records the signal; at the end of the step in progress every rank agrees (one
   all-reduce, so a signal to any rank stops them all at the same step), ``last.ckpt`` is written and the run
   stops, skipping the validation that step would have started;
-- validation: the same agreement after every validation batch; ``last.ckpt`` is written (the weights of the
-  step being validated; a resumed run validates them again) and the run stops;
+- validation: the same agreement after every validation batch; ``last.ckpt`` is written (the state of the
+  step being validated; a resumed run goes on training from it, bit for bit as if never stopped, and does not
+  repeat the cut validation) and the run stops;
 - sampling at validation (``SampleLogger``): generation stops at the next token (:func:`received`), and the
   validation ends as above;
 - the final save: it completes, then the run stops with the signal's status.
@@ -87,7 +89,7 @@ class StopOnSignal(L.Callback):
             raise Interrupted(f"{name} again: stopped at once (last good checkpoint: {self.checkpoint.describe_good()})", signum)
         _received = signum
         if not self.training:
-            raise Interrupted(f"{name} before training started; nothing was written", signum)
+            raise Interrupted(f"{name} before training started; no checkpoint was written", signum)
         print(f"\n{name}: saving last.ckpt at the end of this step or validation batch, then stopping (again: stop at once)",
               file=sys.stderr)  # fmt: skip
 
