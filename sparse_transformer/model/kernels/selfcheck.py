@@ -28,6 +28,7 @@ from sparse_transformer.model.kernels.reference import reference_attention
 # room; a kernel that compiled wrong is off by far more.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 _verdicts: dict[tuple, str | None] = {}  # (device, dtype, head dim, block size) -> None (agrees) or what went wrong
+_fell_back: set[tuple] = set()  # the shape classes flex took over, said once each
 
 
 def try_backend(
@@ -90,12 +91,11 @@ def verified_triton(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
 
 def triton_or_flex(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
     """``backend: auto`` on CUDA: the Triton kernel once it passed its self-check, else FlexAttention, said once."""
-    key = (q.device, q.dtype, q.shape[-1], block_size)
-    fresh = key not in _verdicts
     problem = verdict(q, block_size)
     if problem is None:
         return load_backend("triton")(q, k, v, layout, block_size, scale)
-    if fresh:
+    if (key := (q.device, q.dtype, q.shape[-1], block_size)) not in _fell_back:
+        _fell_back.add(key)
         print(f"warning: the triton backend failed its check on {_where(q, block_size)}: {problem}; using flex instead",
               file=sys.stderr)  # fmt: skip
     return load_backend("flex")(q, k, v, layout, block_size, scale)
