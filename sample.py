@@ -30,6 +30,7 @@ from sparse_transformer.model import ModelConfig
 from sparse_transformer.model.kernels import BACKENDS
 from sparse_transformer.sampling import Sampling, complete, sample
 from sparse_transformer.training.lightning_module import SparseTransformerLM
+from sparse_transformer.training import signals
 from sparse_transformer.training.finite import first_non_finite
 from sparse_transformer.training.resume import read_checkpoint
 
@@ -216,4 +217,5 @@ def main(argv: list[str] | None = None) -> list[bytes]:
 
 
 if __name__ == "__main__":
+    signals.install(signals.stop_at_once("while sampling"))  # 130 / 143 and one line, not a traceback
     run_cli(main)

@@ -8,6 +8,8 @@ import lightning as L
 import pytest
 import torch
 
+from commands import one_error_line, train_tiny_checkpointing
+
 from sparse_transformer.data.text import ByteTextDataModule
 from sparse_transformer.errors import InputError
 from sparse_transformer.model import AttentionPattern, ModelConfig, Sparse
@@ -200,3 +202,16 @@ def test_no_space_during_a_run_names_the_last_good_checkpoint(tmp_path, one_thre
     last = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(InputError, match=rf"no space left .* \(no step=3-.*ckpt was written\); .* \(last good checkpoint: {last} \(step 2\)\)"):
         fit(tmp_path, DiskFullsAfterStep2(NETWORK), val_every=3, every_n_train_steps=2)
+
+
+@pytest.mark.slow
+def test_through_the_cli_a_nan_gradient_is_one_line_and_no_file_on_disk_holds_it(tmp_path):
+    result = train_tiny_checkpointing(tmp_path, "", "--trainer.callbacks+=tests.killer.NaNGradientAtStep", "--trainer.callbacks.step=3")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    error = one_error_line(result)
+    assert error.startswith("error: the weights hold nan (") and error.endswith(
+        f") at step 4; stopped before saving them (last good checkpoint: {last} (step 3)); resume from it with a lower "
+        "--model.lr or a more stable precision"
+    )
+    assert [name.split("-")[0] for name in every_checkpoint_is_finite(tmp_path)] == ["last.ckpt@3", "step=3"]
+    assert not (tmp_path / "run.lock").exists()

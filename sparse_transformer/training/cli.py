@@ -106,7 +106,7 @@ class SparseTransformerCLI(LightningCLI):
         self.lock: RunLock | None = None
         self.stop_on_signal: StopOnSignal | None = None
         self.watch: FailureWatch | None = None
-        previous = signals.install(signals.stop_at_once)
+        previous = signals.install(signals.stop_at_once("during start-up"))
         try:
             super().__init__(
                 SparseTransformerLM,

@@ -56,9 +56,14 @@ def restore(previous: dict[int, object]) -> None:
         signal.signal(signum, handler)
 
 
-def stop_at_once(signum: int, frame) -> None:
-    """Before a run's callbacks are set up: nothing has been written, so nothing needs saving."""
-    raise Interrupted(f"{signal.Signals(signum).name} during start-up; nothing was written", signum)
+def stop_at_once(when: str) -> Callable[[int, object], None]:
+    """A handler for where nothing needs saving (a run's start-up, before its callbacks are set up; sample.py,
+    which writes its files whole at the end): it stops the command at once, ``when`` saying where it was."""
+
+    def handler(signum: int, frame) -> None:
+        raise Interrupted(f"{signal.Signals(signum).name} {when}; nothing was written", signum)
+
+    return handler
 
 
 class StopOnSignal(L.Callback):
