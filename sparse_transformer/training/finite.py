@@ -3,9 +3,10 @@
 A NaN gradient whose loss was finite (one bad batch in mixed precision, an overflow in a kernel) turns every
 weight it touches into NaN at the next update, and the loss shows it only one step later. So the checkpoint
 writer checks what it saves, not the loss. The check is a sum per tensor and one host sync: a NaN or an
-infinity anywhere makes the sum of all of them non-finite. (Sums are used, not a max: on the CPU a sum runs at
-memory speed, a max or ``isfinite`` 20-60x slower, ``bench/trust.py``.) Only when the sum is not finite are the
-tensors searched, to name the first bad one, or to find that the sum merely overflowed on huge finite values.
+infinity anywhere makes the sum of all of them non-finite. (Sums, not a max: on this project's 2-core EPYC,
+10M floats sum in 3 ms, and take 60 ms for an infinity norm and 175 ms for ``isfinite().all()``; the whole check
+costs 1-4% of a save, ``bench/results/trust-cpu.md``.) Only when the sum is not finite are the tensors searched,
+to name the first bad one, or to find that the sum merely overflowed on huge finite values.
 """
 
 import math
