@@ -115,8 +115,8 @@ class ByteTextDataModule(SequenceDataModule):
         return len(self.train) // self.seq_len  # one pass worth of bytes
 
     def fingerprint(self) -> dict[str, Any]:
-        """The file's size and the SHA-256 of all of it, so a file changed anywhere is another run's data: 0.2 s
-        for 100 MB on this project's CPU (``bench/trust.py``), once per start."""
+        """The file's size and the SHA-256 of all of it, so a file changed anywhere is another run's data: 0.17-0.36 s
+        for 100 MB on this project's CPU (``bench/results/trust-cpu.md``), once per start."""
         with self.path.open("rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
         return {"file_bytes": self.path.stat().st_size, "content_sha256": digest}
