@@ -191,7 +191,7 @@ class SparseTransformerCLI(LightningCLI):
         backward. On CUDA the Triton kernel checks itself on its first call instead (no CUDA before the launch)."""
         network, device = self.model.hparams.network, trainer.strategy.root_device
         backend = getattr(network.attention, "backend", None)
-        if backend is None or device.type != "cpu":
+        if backend is None or device.type != "cpu" or self.subcommand not in (None, "fit"):
             return
         precision = str(trainer.precision)
         dtype = PRECISION_DTYPES.get(precision.split("-")[0], torch.float32)
