@@ -10,8 +10,8 @@ import torch
 
 import sample
 import train
-from commands import ROOT
-from sparse_transformer.errors import InputError, run_cli
+from commands import ROOT, error_line_in_process
+from sparse_transformer.errors import InputError
 from sparse_transformer.training.checkpoint_io import CHECKSUM, AtomicCheckpointIO, verify
 from sparse_transformer.training.resume import read_checkpoint
 
@@ -36,16 +36,6 @@ def flip_a_bit_in(path: Path, record_suffix: str, out: Path) -> Path:
     data[start + info.file_size // 2] ^= 0x10
     out.write_bytes(bytes(data))
     return out
-
-
-def one_error(capsys, main, *args: str) -> str:
-    with pytest.raises(SystemExit) as exit:
-        run_cli(lambda: main(list(args)))
-    assert exit.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 def test_a_checkpoint_carries_its_seal_and_still_loads(checkpoint):
@@ -82,8 +72,8 @@ def test_resuming_or_sampling_from_a_damaged_checkpoint_is_one_line(capsys, chec
     damaged = flip_a_bit_in(checkpoint, "/data/0", tmp_path / "last.ckpt")
     line = f"error: checkpoint {damaged} is damaged: its contents do not match the SHA-256 it was saved with"
     args = ["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", str(damaged)]
-    assert one_error(capsys, train.main, *args).startswith(line)
-    assert one_error(capsys, sample.main, "--ckpt", str(damaged)).startswith(line)
+    assert error_line_in_process(capsys, train.main, *args).startswith(line)
+    assert error_line_in_process(capsys, sample.main, "--ckpt", str(damaged)).startswith(line)
 
 
 def test_the_resume_line_says_what_was_checked(caplog, checkpoint, tmp_path):

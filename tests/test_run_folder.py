@@ -15,26 +15,15 @@ import pytest
 
 import sample
 import train
-from commands import ROOT
-from sparse_transformer.errors import run_cli
+from commands import ROOT, error_line_in_process
 from sparse_transformer.training.distributed import launched_as_rank_zero
 from sparse_transformer.training.run_folder import LOCK, RunLock
 
 TINY = str(ROOT / "configs/tiny.yaml")
 
 
-def fails(capsys, main, *args: str) -> str:
-    with pytest.raises(SystemExit) as exit:
-        run_cli(lambda: main(list(args)))
-    assert exit.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
-
-
 def start(capsys, folder: Path, *args: str) -> str:
-    return fails(capsys, train.main, "fit", "--config", TINY, "--trainer.default_root_dir", str(folder), *args)
+    return error_line_in_process(capsys, train.main, "fit", "--config", TINY, "--trainer.default_root_dir", str(folder), *args)
 
 
 def test_a_folder_that_is_a_file_or_under_one(capsys, tmp_path):
@@ -136,6 +125,6 @@ def test_sample_out_that_cannot_be_written_is_refused_before_sampling(capsys, tm
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     out = tmp_path / "samples"
-    assert fails(capsys, sample.main, "--ckpt", str(ckpt), "--out", str(out)) == (
+    assert error_line_in_process(capsys, sample.main, "--ckpt", str(ckpt), "--out", str(out)) == (
         f"error: --out {out} cannot be created in {tmp_path}: read-only file system"
     )
