@@ -23,6 +23,7 @@ checkpoints at the step boundary after a signal instead of inside the handler.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -74,10 +75,12 @@ class StopOnSignal(L.Callback):
         self.checkpoint = checkpoint
         self.training = False  # from the first training step: a signal is acted on at the next boundary
         self.stopped: Interrupted | None = None  # what the CLI raises after fit, once every rank stopped
+        self.pid = os.getpid()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         global _received
         _received = 0
+        self.pid = os.getpid()
         install(self._receive)
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -89,6 +92,8 @@ class StopOnSignal(L.Callback):
 
     def _receive(self, signum: int, frame) -> None:
         global _received
+        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the run's process decides
+            return
         name = signal.Signals(signum).name
         if _received:
             raise Interrupted(f"{name} again: stopped at once (last good checkpoint: {self.checkpoint.describe_good()})", signum)
