@@ -25,11 +25,13 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from sparse_transformer.data.images import ImageBytes, ImageFiles, check_image, find_images
 from sparse_transformer.errors import InputError, plural, run_cli
-from sparse_transformer.files import write_atomic
+from sparse_transformer.files import check_folder, write_atomic
 from sparse_transformer.model import ModelConfig
 from sparse_transformer.model.kernels import BACKENDS
 from sparse_transformer.sampling import Sampling, complete, sample
 from sparse_transformer.training.lightning_module import SparseTransformerLM
+from sparse_transformer.training import signals
+from sparse_transformer.training.finite import first_non_finite
 from sparse_transformer.training.resume import read_checkpoint
 
 # Options whose meaning depends on what the checkpoint models; each modality declares those it takes.
@@ -52,7 +54,15 @@ def load_model(ckpt: str, device: str, backend: str | None = None) -> SparseTran
     except RuntimeError as e:  # the weights do not fit the configuration the checkpoint records
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:300]
         raise InputError(f"checkpoint {ckpt} does not match the model it describes ({detail})") from e
+    check_finite(ckpt, module)
     return module.eval()
+
+
+def check_finite(ckpt: str, module: SparseTransformerLM) -> None:
+    """Refuse weights holding a NaN or an infinity (train.py never writes them; another program might)."""
+    bad = first_non_finite(module.named_parameters())
+    if bad is not None:
+        raise InputError(f"checkpoint {ckpt} holds weights that are not finite ({bad[0]} holds {bad[1]}); sample from an earlier checkpoint")
 
 
 def check_device(device: str, backend: str | None) -> None:
@@ -166,8 +176,6 @@ def main(argv: list[str] | None = None) -> list[bytes]:
         raise InputError(f"--complete {args.complete}: give the number of images to complete, at least 1")
     if args.scale is not None and args.scale < 1:
         raise InputError(f"--scale={args.scale} must be >= 1")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InputError(f"--out {args.out} is a file; give a folder for the samples")
     sampling = Sampling(args.temperature, args.top_k, args.seed, not args.no_kv_cache, args.slide)
     module = load_model(args.ckpt, args.device, args.backend)
     modality, model = module.modality, module.model
@@ -176,6 +184,8 @@ def main(argv: list[str] | None = None) -> list[bytes]:
             taken = " ".join(f"--{o.replace('_', '-')}" for o in modality.options)
             raise InputError(f"--{name.replace('_', '-')} is not an option for a checkpoint of {modality.noun}; it takes {taken}")
     out = Path(args.out) if args.out else (Path(modality.default_out) if modality.default_out else None)
+    if out is not None:  # before any sampling: a folder that cannot be written is found now, not after an hour
+        check_folder(out, "--out")
 
     if args.complete is not None:
         if args.complete_from is not None:
@@ -207,4 +217,5 @@ def main(argv: list[str] | None = None) -> list[bytes]:
 
 
 if __name__ == "__main__":
+    signals.install(signals.stop_at_once("while sampling"))  # 130 / 143 and one line, not a traceback
     run_cli(main)

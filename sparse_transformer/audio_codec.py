@@ -65,10 +65,24 @@ def read_codes(path: Path, sample_rate: int) -> np.ndarray:
         raise InputError(f"audio file {path} is cut short: its header says {declared} bytes, the file has {actual}")
     if len(waveform) < 0.99 * frames:  # compressed formats: fewer frames decode than the header promises
         raise InputError(f"audio file {path} is cut short: its header says {frames} frames, {len(waveform)} decode")
+    check_finite(path, waveform, rate)
     mono = torch.from_numpy(waveform.mean(axis=1))
     if rate != sample_rate:
         mono = AF.resample(mono, rate, sample_rate)
     return encode(mono).numpy()
+
+
+def check_finite(path: Path, waveform: np.ndarray, rate: int) -> None:
+    """Refuse a float recording holding NaN or infinite samples, naming the first bad frame: mu-law would turn
+    each into an extreme code without a word (integer formats cannot hold them)."""
+    bad = ~np.isfinite(waveform).all(axis=1)  # (T,)
+    if bad.any():
+        frame = int(bad.argmax())
+        value = waveform[frame][~np.isfinite(waveform[frame])][0]
+        raise InputError(
+            f"audio file {path} has a {value} sample at frame {frame:,} ({frame / rate:.3f} s) and "
+            f"{int(bad.sum()):,} bad frames in all; repair or remove the file"
+        )
 
 
 def declared_size(path: Path) -> int | None:

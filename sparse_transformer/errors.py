@@ -10,9 +10,10 @@ class InputError(Exception):
     """Bad input from the user; the CLIs print ``error: <message>`` and exit with status 2."""
 
 
-class Interrupted(Exception):
-    """A signal stopped the run after saving; the CLIs print ``stopped: <message>`` (on rank 0) and exit with
-    128 + the signal's number, as a shell reports a process the signal ended."""
+class Interrupted(BaseException):
+    """A signal stopped the command; the CLIs print ``stopped: <message>`` (on rank 0) and exit with 128 + the
+    signal's number, as a shell reports a process the signal ended. A BaseException, as KeyboardInterrupt is, so
+    that no ``except Exception`` on the way out (a file reader's, Lightning's) takes it for an error."""
 
     def __init__(self, message: str, signum: int, show: bool = True):
         super().__init__(message)

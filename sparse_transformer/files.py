@@ -1,13 +1,17 @@
-"""Files written whole or not at all: checkpoints, samples, results tables, prepared data."""
+"""Files written whole or not at all (checkpoints, samples, results tables, prepared data), into folders checked first."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from sparse_transformer.errors import InputError
 
 TEMPORARY_SUFFIX = ".tmp"  # what an interrupted write leaves behind: ".<name>.<random>.tmp" beside the target
 
@@ -44,3 +48,36 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_folder(folder: Path, what: str, room: int = 0, needs: str = "") -> None:
+    """Refuse, in one line naming ``folder``, a folder that cannot take what a command will write: one that is a
+    file, cannot be created or written (permissions, a read-only file system), or has less than ``room`` bytes
+    free (``needs`` says for what). Nothing is left behind: the write test is a temporary file, removed."""
+    folder = Path(folder)
+    try:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+    except PermissionError as e:
+        raise InputError(f"{what} {folder} cannot be reached: permission denied ({e.filename})") from e
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
+        raise InputError(f"{what} {folder} {where}; give a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-", suffix=TEMPORARY_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        doing = "written" if existing == folder else f"created in {existing}"
+        raise InputError(f"{what} {folder} cannot be {doing}: {_reason(e)}") from e
+    free = shutil.disk_usage(existing).free
+    if free < room:
+        raise InputError(
+            f"{what} {folder} has {free / 2**20:,.0f} MiB free, and {needs or 'what it will hold'} needs about "
+            f"{room / 2**20:,.0f} MiB; free some space or give another folder"
+        )
+
+
+def _reason(error: OSError) -> str:
+    reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}  # fmt: skip
+    return reasons.get(error.errno, error.strerror or type(error).__name__)

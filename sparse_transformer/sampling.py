@@ -21,6 +21,10 @@ from sparse_transformer.modality import Modality
 from sparse_transformer.model import SparseTransformer
 
 
+class NotFinite(InputError):
+    """The model's outputs are not finite: there is nothing to draw from."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How tokens are drawn.
@@ -131,8 +135,10 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+    probs = torch.softmax(logits, dim=-1).cpu()
+    if not torch.isfinite(probs).all():  # checked on the copy the draw needs anyway: no extra device sync
+        raise NotFinite("the model's next-token probabilities are not finite (NaN or inf): its weights or activations overflowed")
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
 
 def check_request(model: SparseTransformer, prompt: torch.Tensor, length: int) -> None:

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from sparse_transformer.errors import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +39,14 @@ checkpoint:
     command = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml", "--config", str(overlay), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models, and 2 DDP processes on a 2-core box
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def error_line_in_process(capsys, main, *args: str) -> str:
+    """The single ``error:`` line of ``run_cli(main(args))``, a command line's entry point run in this process."""
+    with pytest.raises(SystemExit) as exit:
+        run_cli(lambda: main(list(args)))
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]

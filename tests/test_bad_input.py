@@ -6,6 +6,7 @@ Run in-process through the same entry points as the command lines (``run_cli(tra
 not tile, a missing data file and sample.py's missing or corrupt checkpoint.
 """
 
+import os
 import pathlib
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 import sample
 import train
-from sparse_transformer.errors import run_cli
+from sparse_transformer.errors import InputError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -204,7 +205,7 @@ def test_sampling_requests_that_cannot_be_met(capsys, checkpoint, tmp_path, monk
     assert sampling_fails(capsys, *ckpt, "--length", "0") == "error: --length=0 must be >= 1"
     (tmp_path / "taken").write_text("x")
     assert sampling_fails(capsys, *ckpt, "--out", str(tmp_path / "taken")) == (
-        f"error: --out {tmp_path / 'taken'} is a file; give a folder for the samples"
+        f"error: --out {tmp_path / 'taken'} is a file; give a folder"
     )
     assert sampling_fails(capsys, *ckpt, "--prompt-file", str(tmp_path / "none.txt")) == (
         f"error: --prompt-file {tmp_path / 'none.txt'} not found"
@@ -231,3 +232,92 @@ def test_sampling_from_a_truncated_checkpoint_or_a_folder(capsys, checkpoint, tm
         f"error: checkpoint {cut} is not a readable checkpoint: truncated or not a checkpoint ("
     )
     assert sampling_fails(capsys, "--ckpt", str(tmp_path)).startswith(f"error: checkpoint {tmp_path} is a folder")
+
+
+def test_a_backend_the_cpu_cannot_train_with_is_refused_before_anything_is_written(capsys, tmp_path, monkeypatch):
+    from sparse_transformer.model.kernels import blocksparse
+
+    run = tmp_path / "run"
+    error = fails(capsys, "--model.network.attention.backend", "flex", "--trainer.default_root_dir", str(run))
+    assert error.startswith(
+        "error: model.network.attention.backend flex cannot train on this CPU in trainer.precision 32-true "
+        "(NotImplementedError: the flex backend has no backward on CPU"
+    )
+    monkeypatch.setattr(blocksparse, "_INTERPRET", False)  # as on a CPU without TRITON_INTERPRET=1
+    error = fails(capsys, "--model.network.attention.backend", "triton", "--trainer.default_root_dir", str(run))
+    assert error.startswith("error: model.network.attention.backend triton cannot train on this CPU in trainer.precision 32-true "
+                            "(ValueError: the triton backend needs CUDA tensors (got cpu) or TRITON_INTERPRET=1")  # fmt: skip
+    assert not run.exists()
+
+
+def bf16_breaks(q, k, v, layout, block_size, scale=None):
+    """A kernel that makes a buffer in the default dtype, as the CPU kernel once did: wrong under bf16-true."""
+    if torch.get_default_dtype() != torch.float32:
+        raise RuntimeError(f"expected scalar type Float but found {torch.get_default_dtype()}")
+    return q * 1.0
+
+
+def test_a_precision_the_backend_cannot_train_in_is_refused(capsys, tmp_path, monkeypatch):
+    from sparse_transformer.model import kernels
+
+    monkeypatch.setitem(kernels.BACKENDS, "reference", "test_bad_input:bf16_breaks")
+    args = ["--model.network.attention.backend", "reference", "--trainer.default_root_dir", str(tmp_path / "run")]
+    assert fails(capsys, *args, "--trainer.precision", "bf16-true") == (
+        "error: model.network.attention.backend reference cannot train on this CPU in trainer.precision bf16-true "
+        "(RuntimeError: expected scalar type Float but found torch.bfloat16); choose another backend or precision"
+    )
+
+
+def test_a_context_longer_than_the_data_or_the_memory_is_refused_before_building_layouts(capsys, tmp_path, monkeypatch):
+    run = ["--trainer.default_root_dir", str(tmp_path / "run")]
+    assert fails(capsys, "--data.seq_len", "1048576", *run).startswith("error: train split of ")
+    (tmp_path / "data.bin").write_bytes(bytes(range(256)) * 8192)  # 2 MiB: every split holds a window of 65,536
+    monkeypatch.setattr("sparse_transformer.model.patterns._available_memory", lambda: 2**30)
+    assert fails(capsys, "--data.path", str(tmp_path / "data.bin"), "--data.seq_len", "65536", *run) == (
+        "error: the attention layouts of seq_len=65536 in blocks of 8 (8,192 x 8,192 tiles a head, 2 layers) need about "
+        "1.9 GiB to build, more than the 1.0 GiB of memory available; use a larger pattern block_size or a shorter seq_len"
+    )
+
+
+def test_float_audio_with_a_nan_sample_is_refused_naming_the_frame(capsys, tmp_path):
+    from sparse_transformer.modality import Audio
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(3):
+        wave = (np.sin(np.arange(4000) / (i + 2)) * 0.5).astype(np.float32)
+        if i == 1:
+            wave[1234] = np.nan
+        soundfile.write(folder / f"{i}.wav", wave, 8000, subtype="FLOAT")
+    args = ["--config", str(ROOT / "configs/audio-tiny.yaml"), "--data.init_args.root", str(folder)]
+    error = error_line(capsys, train.main, ["fit", *args, "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert error == f"error: audio file {folder / '1.wav'} has a nan sample at frame 1,234 (0.154 s) and 1 bad frames in all; repair or remove the file"
+    with pytest.raises(InputError, match=r"has a nan sample at frame 1,234 \(0.154 s\)"):  # a recording to continue
+        Audio(8000).prompt(file=folder / "1.wav")
+
+
+@pytest.mark.parametrize("limit,said", [(1000, 2000), (3000, 3000)], ids=["error", "warning"])  # PIL errs over twice it
+def test_an_image_over_the_decompression_bomb_limit_is_one_line(capsys, tmp_path, monkeypatch, limit, said):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i * 40, dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(folder / "4.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # 64 x 64 is over it, as a bomb is over the real one
+    args = ["--config", str(ROOT / "configs/cifar10-tiny.yaml"), "--data.init_args.root", str(folder)]
+    error = error_line(capsys, train.main, ["fit", *args, "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert error == (
+        f"error: cannot read image {folder / '4.png'}: Image size (4096 pixels) exceeds limit of {said} pixels, "
+        "could be decompression bomb DOS attack."
+    )
+
+
+def test_an_image_whose_name_is_not_utf8_trains(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i * 40, dtype=np.uint8)).save(folder / f"{i}.png")
+    os.rename(folder / "3.png", os.fsdecode(bytes(folder) + b"/caf\xe9.png"))
+    args = ["--config", str(ROOT / "configs/cifar10-tiny.yaml"), "--data.init_args.root", str(folder), "--trainer.max_steps", "1"]
+    train.main(["fit", *args, "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -15,6 +15,7 @@ from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO
 from sparse_transformer.training.checkpointing import RunCheckpoint
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.progress import RunProgressBar
+from sparse_transformer.training.run_folder import AttachLoggers
 from sparse_transformer.training.sample_logger import SampleLogger
 from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
@@ -52,8 +53,9 @@ def test_every_config_gets_the_shared_setup_and_repeats_none_of_it(config):
     assert Path(checkpoint.dirpath) == (root / "checkpoints").resolve() and checkpoint.monitor == f"val_{cli.model.unit}"
     if "tiny" not in config.stem:  # what users run: last.ckpt on a schedule of its own, minutes apart
         assert checkpoint.last_every
-    assert [type(lg) for lg in trainer.loggers] == [TensorBoardLogger, CSVLogger]
-    assert all(Path(lg.save_dir) == root for lg in trainer.loggers)
+    (attach,) = [c for c in trainer.callbacks if isinstance(c, AttachLoggers)]  # they join once the start checks pass
+    assert trainer.loggers == [] and [type(lg) for lg in attach.loggers] == [TensorBoardLogger, CSVLogger]
+    assert all(Path(lg.save_dir) == root for lg in attach.loggers)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 

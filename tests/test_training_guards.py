@@ -8,14 +8,18 @@ import lightning as L
 import pytest
 import torch
 
+from commands import one_error_line, train_tiny_checkpointing
+
 from sparse_transformer.data.text import ByteTextDataModule
 from sparse_transformer.errors import InputError
 from sparse_transformer.model import AttentionPattern, ModelConfig, Sparse
-from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO
+from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO, NotFinite, verify
 from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
 from sparse_transformer.training.run import Run
 from sparse_transformer.training.divergence_guard import Diverged, DivergenceGuard
+from sparse_transformer.training.finite import tensors_of
 from sparse_transformer.training.lightning_module import SparseTransformerLM
+from sparse_transformer.training.sample_logger import SampleLogger
 
 NETWORK = ModelConfig(seq_len=32, d_model=16, n_layers=1, n_heads=2, pattern=AttentionPattern("dense", block_size=8), attention=Sparse("blocks"))
 
@@ -31,11 +35,11 @@ class ValidationExplodesAfterStep2(SparseTransformerLM):
         self.log("val_bpb", 7.0 if self.global_step <= 2 else 1.3e8)
 
 
-def fit(tmp_path, module, max_steps=8, val_every=None, ckpt_path=None, **checkpointing):
+def fit(tmp_path, module, max_steps=8, val_every=None, ckpt_path=None, callbacks=(), **checkpointing):
     """Train in the run folder ``tmp_path``; checkpoints go to ``tmp_path / "checkpoints"``."""
     checkpoint = RunCheckpoint(Run(tmp_path, ckpt_path), "val_bpb", CheckpointSchedule(**checkpointing))
     trainer = L.Trainer(
-        max_steps=max_steps, callbacks=[DivergenceGuard(), checkpoint], plugins=[AtomicCheckpointIO()], logger=False,
+        default_root_dir=tmp_path, max_steps=max_steps, callbacks=[*callbacks, DivergenceGuard(checkpoint), checkpoint], plugins=[AtomicCheckpointIO()], logger=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2 if val_every else 0,
         val_check_interval=val_every, check_val_every_n_epoch=None if val_every else 1, accelerator="cpu",
         num_sanity_val_steps=0,
@@ -45,7 +49,7 @@ def fit(tmp_path, module, max_steps=8, val_every=None, ckpt_path=None, **checkpo
 
 
 def test_non_finite_loss_stops_before_the_broken_weights_are_saved(tmp_path, one_thread):
-    with pytest.raises(Diverged, match=r"training loss is nan at step 4; stopped before saving it \(last good checkpoint: .*last.ckpt\)"):
+    with pytest.raises(Diverged, match=r"training loss is nan at step 4; stopped before saving it \(last good checkpoint: .*last.ckpt \(step 3\)\)"):
         fit(tmp_path, DivergesAtStep3(NETWORK), every_n_train_steps=1)
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 3
@@ -128,3 +132,86 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class NaNGradientAtStep3(SparseTransformerLM):
+    """The loss of step 3 is finite; one element of one gradient is not, so the update makes weights NaN."""
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.global_step == 3:
+            self.model.head.weight.grad[0, 0] = float("nan")
+
+
+def every_checkpoint_is_finite(folder) -> list[str]:
+    """The names of the checkpoints on disk, after checking that every tensor in each is finite and its seal holds."""
+    names = []
+    for path in sorted(folder.rglob("*.ckpt")):
+        assert verify(path), path
+        state = torch.load(path, weights_only=True)
+        tensors = [t for part in ("state_dict", "optimizer_states") for _, t in tensors_of(state[part])]
+        assert tensors and all(t.isfinite().all() for t in tensors if t.is_floating_point()), path
+        names.append(f"{path.name}@{state['global_step']}")
+    return names
+
+
+def test_a_nan_gradient_before_a_scheduled_save_never_reaches_a_checkpoint(tmp_path, one_thread):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(Diverged, match=rf"the weights hold nan \(.*\) at step 4; stopped before saving them \(last good checkpoint: {last} \(step 2\)\)"):
+        fit(tmp_path, NaNGradientAtStep3(NETWORK), every_n_train_steps=2)
+    assert every_checkpoint_is_finite(tmp_path) == ["last.ckpt@2"]
+
+
+def test_a_nan_gradient_before_a_validation_is_stopped_there_and_samples_nothing(tmp_path, one_thread):
+    """Validation after the poisoned update: the metric is NaN; sampling is skipped, not a traceback; the guard stops."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(Diverged, match=rf"validation val_bpb is nan at step 4; stopped before saving it \(last good checkpoint: {last} \(step 2\)\)"):
+        fit(tmp_path, NaNGradientAtStep3(NETWORK), val_every=2, callbacks=[SampleLogger(num_samples=1, length=8)])
+    assert [name.split("-")[0] for name in every_checkpoint_is_finite(tmp_path)] == ["last.ckpt@2", "step=2"]
+    assert not (tmp_path / "samples" / "step=4").exists()
+
+
+def test_the_writer_refuses_weights_that_are_not_finite_whoever_saves(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "hpc_ckpt_1.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    good = path.read_bytes()
+    bad = {"state_dict": {"w": torch.ones(3)}, "optimizer_states": [{"state": {0: {"exp_avg": torch.tensor([0.0, float("inf")])}}}]}
+    with pytest.raises(NotFinite, match=rf"not saving {path}: optimizer_states.0.state.0.exp_avg holds inf at step None \(the weights diverged; the previous hpc_ckpt_1.ckpt is intact\)"):
+        io.save_checkpoint(bad, path)
+    assert path.read_bytes() == good
+    with pytest.raises(NotFinite, match=r"no other.ckpt was written"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor(float("nan"))}}, tmp_path / "other.ckpt")
+
+
+def test_no_space_for_a_best_checkpoint_that_never_existed_does_not_call_it_intact(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(InputError, match=r"for step=3-val_bpb=7.000.ckpt: .* \(no step=3-val_bpb=7.000.ckpt was written\)"):
+        AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(1000)}, tmp_path / "step=3-val_bpb=7.000.ckpt")
+
+
+def test_no_space_during_a_run_names_the_last_good_checkpoint(tmp_path, one_thread, monkeypatch):
+    """The first best checkpoint does not fit: the line names last.ckpt, which exists, not the one never written."""
+
+    class DiskFullsAfterStep2(SparseTransformerLM):
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.global_step == 2:
+                usage = namedtuple("usage", "total used free")
+                monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 100, 100))
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(InputError, match=rf"no space left .* \(no step=3-.*ckpt was written\); .* \(last good checkpoint: {last} \(step 2\)\)"):
+        fit(tmp_path, DiskFullsAfterStep2(NETWORK), val_every=3, every_n_train_steps=2)
+
+
+@pytest.mark.slow
+def test_through_the_cli_a_nan_gradient_is_one_line_and_no_file_on_disk_holds_it(tmp_path):
+    result = train_tiny_checkpointing(tmp_path, "", "--trainer.callbacks+=tests.killer.NaNGradientAtStep", "--trainer.callbacks.step=3")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    error = one_error_line(result)
+    assert error.startswith("error: the weights hold nan (") and error.endswith(
+        f") at step 4; stopped before saving them (last good checkpoint: {last} (step 3)); resume from it with a lower "
+        "--model.lr or a more stable precision"
+    )
+    assert [name.split("-")[0] for name in every_checkpoint_is_finite(tmp_path)] == ["last.ckpt@3", "step=3"]
+    assert not (tmp_path / "run.lock").exists()

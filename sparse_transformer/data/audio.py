@@ -116,4 +116,5 @@ class AudioFolderDataModule(SequenceDataModule):
         return len(self.train) // self.seq_len  # one pass worth of audio
 
     def fingerprint(self) -> dict[str, Any]:
-        return files_fingerprint(self.files, self.root)
+        """Names, sizes and every byte of the files: setup decodes them whole anyway."""
+        return files_fingerprint(self.files, self.root, contents=True)

@@ -3,17 +3,23 @@
 An image becomes its bytes in raster order with channels interleaved (32x32x3 -> 3072), preceded by the
 start token, so a batch is ``[B, N + 1]`` and every one of the N dims is predicted (bits/dim as in the
 paper). The model's factorized positional embedding gets (rows, cols, channels) from ``modality``.
+
+Image files are read defensively (:func:`open_image`): whatever a file makes PIL raise (a truncated or
+corrupt file, one over PIL's decompression-bomb limit, a format it only half knows) is one line naming the
+file, and file names that are not UTF-8 are read and fingerprinted by their bytes.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from sparse_transformer.data.sequences import SequenceDataModule, files_fingerprint
@@ -60,12 +66,32 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        try:
-            with PIL.Image.open(self.files[i]) as image:
-                pixels = eight_bit(image, grey=self.shape[2] == 1)
-        except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt past the header
-            raise InputError(f"cannot read image {self.files[i]}: {e}") from e
+        with open_image(self.files[i]) as image:
+            pixels = read_pixels(self.files[i], image, grey=self.shape[2] == 1)
         return torch.from_numpy(pixels.reshape(self.shape).copy())  # (H, W, C)
+
+
+@contextmanager
+def open_image(path: Path) -> Iterator[PIL.Image.Image]:
+    """``PIL.Image.open(path)``; anything PIL raises on opening is one line naming the file. An image over
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb, or a photograph far larger than any image this model
+    reads) is refused there too, where PIL would only warn up to twice that."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(path)
+    except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise InputError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
+    with image:
+        yield image
+
+
+def read_pixels(path: Path, image: PIL.Image.Image, grey: bool) -> np.ndarray:
+    """:func:`eight_bit` of an open image; a file corrupt past its header is one line naming it."""
+    try:
+        return eight_bit(image, grey)
+    except Exception as e:
+        raise InputError(f"cannot read image {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
 
 
 def eight_bit(image: PIL.Image.Image, grey: bool) -> np.ndarray:
@@ -80,11 +106,8 @@ def eight_bit(image: PIL.Image.Image, grey: bool) -> np.ndarray:
 def check_image(path: Path, shape: tuple[int, int, int]) -> None:
     """Refuse an image file whose header does not open or whose size is not ``shape``'s, in one line."""
     rows, cols, _ = shape
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from e
+    with open_image(path) as image:
+        width, height = image.size
     if (height, width) != (rows, cols):
         raise InputError(
             f"image {path} is {height}x{width} (rows x cols), expected {rows}x{cols}: set "

@@ -5,6 +5,7 @@ validation / test read in order.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,18 @@ class SequenceDataModule(ResumableTraining, L.LightningDataModule):
         )
 
 
-def files_fingerprint(files: list[Path], root: Path) -> dict[str, Any]:
-    """How many files, and a hash of their names (relative to ``root``) and sizes: a folder that gained, lost or
-    changed a file no longer matches."""
+def files_fingerprint(files: list[Path], root: Path, contents: bool = False) -> dict[str, Any]:
+    """How many files, and a hash of their names (relative to ``root``, as the file system spells them) and sizes:
+    a folder that gained, lost or resized a file no longer matches. With ``contents``, also a hash of every byte
+    of them, for data read whole anyway (audio)."""
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.relative_to(root)}\t{path.stat().st_size}\n".encode())
-    return {"files": len(files), "files_sha256": digest.hexdigest()[:16]}
+        digest.update(os.fsencode(path.relative_to(root)) + f"\t{path.stat().st_size}\n".encode())
+    fingerprint = {"files": len(files), "files_sha256": digest.hexdigest()[:16]}
+    if contents:
+        digest = hashlib.sha256()
+        for path in files:
+            with path.open("rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        fingerprint["contents_sha256"] = digest.hexdigest()[:16]
+    return fingerprint

@@ -137,6 +137,32 @@ class AttentionPattern:
         return causal & ((j % l + 1) * unit > self.stride - self.summary) | (i == j)
 
 
+def check_layout_size(n_heads: int, n_layers: int, seq_len: int, block_size: int) -> None:
+    """Refuse, before building them, layouts this machine has no memory for: each layer keeps a bool ``[H, R, R]``
+    layout (R = seq_len / block_size), and building one takes int64 grids of R x R (about 24 bytes a tile)."""
+    r = seq_len // block_size
+    needed = r * r * (n_heads * n_layers + 24 + n_heads)
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise PatternError(
+            f"the attention layouts of seq_len={seq_len} in blocks of {block_size} ({r:,} x {r:,} tiles a head, "
+            f"{n_layers} layers) need about {needed / 2**30:,.1f} GiB to build, more than the {available / 2**30:,.1f} GiB "
+            "of memory available; use a larger pattern block_size or a shorter seq_len"
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def sqrt_stride(seq_len: int, block_size: int) -> int:
     """The stride l ~ sqrt(N) of section 4.2, in whole blocks: what a pattern uses when the data says nothing else."""
     return max(block_size, round(math.sqrt(seq_len) / block_size) * block_size)

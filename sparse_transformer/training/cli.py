@@ -11,8 +11,9 @@ Shared here, in one place, so configs say only what differs:
 - links from the data to the model: the context and the modality.
 
 The run (``run.py``: its folder, the checkpoint it resumes from, its seed) is made once from the command line
-and passed to the callbacks that need it and to ``fit``. In a run of several processes a failure on any of
-them ends all of them at once (``distributed.py``).
+and passed to the callbacks that need it and to ``fit``; its folder is checked and locked first, and written
+only once every start check passed (``run_folder.py``). In a run of several processes a failure on any of
+them ends all of them at once (``distributed.py``). SIGTERM and SIGINT stop it at any phase (``signals.py``).
 """
 
 from __future__ import annotations
@@ -31,18 +32,23 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from sparse_transformer.errors import InputError, Interrupted, input_error, one_line
+from sparse_transformer.errors import InputError, input_error, one_line
 from sparse_transformer.files import write_atomic
+from sparse_transformer.model.kernels import get_backend, resolve_backend
+from sparse_transformer.model.kernels.selfcheck import try_backend
 from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
-from sparse_transformer.training.distributed import FailureWatch, port_taken, watch_from_environment
+from sparse_transformer.training import signals
+from sparse_transformer.training.distributed import FailureWatch, launched_as_rank_zero, port_taken, watch_from_environment
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.training.progress import RunProgressBar
 from sparse_transformer.training.run import Run, folder_for
+from sparse_transformer.training.run_folder import AttachLoggers, RunLock
 from sparse_transformer.training.sample_logger import SampleLogger
 from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}  # else fp32
 TRAINER_DEFAULTS: dict[str, Any] = {
     "gradient_clip_val": 1.0,  # section 7: every setup clips the gradient norm at 1.0
     "log_every_n_steps": 10,
@@ -78,6 +84,13 @@ class SaveRunConfig(SaveConfigCallback):
     def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any):
         super().__init__(parser, config, save_to_log_dir=False)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":  # a fit writes it once its start checks passed (run_folder.py)
+            super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().setup(trainer, pl_module, "fit")
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         write_atomic(Path(trainer.default_root_dir) / "config.yaml", self.parser.dump(self.config, skip_none=False))
 
@@ -90,8 +103,10 @@ class SparseTransformerCLI(LightningCLI):
         # Lightning cannot see that our training sampler resumes mid-epoch (data/training_order.py); it does.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         self.run: Run | None = None
+        self.lock: RunLock | None = None
         self.stop_on_signal: StopOnSignal | None = None
         self.watch: FailureWatch | None = None
+        previous = signals.install(signals.stop_at_once("during start-up"))
         try:
             super().__init__(
                 SparseTransformerLM,
@@ -107,6 +122,10 @@ class SparseTransformerCLI(LightningCLI):
         except Exception as e:
             self._tell_the_other_ranks(e)
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            signals.restore(previous)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.network.seq_len", apply_on="instantiate")
@@ -125,6 +144,8 @@ class SparseTransformerCLI(LightningCLI):
             section.trainer.default_root_dir = str(folder_for(section.get("config") or []))
         if self.config.get("subcommand") == "fit":
             fit = self.config.fit
+            if launched_as_rank_zero():  # before anything reads the folder: a live run in it is named first
+                self.lock = RunLock(fit.trainer.default_root_dir).acquire()
             # the seed as configured, before LightningCLI draws a random one for True
             self.run = Run.start(fit.trainer.default_root_dir, fit.ckpt_path, fit.seed_everything)
             fit.ckpt_path = None
@@ -134,15 +155,19 @@ class SparseTransformerCLI(LightningCLI):
         section = self.config_init[self.subcommand] if self.subcommand else self.config_init
         config = section["trainer"]
         root = Path(config["default_root_dir"])
-        if config.get("logger") in (None, True):
-            kwargs["logger"] = [TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]
+        callbacks: list[L.Callback] = []
+        if config.get("logger") in (None, True):  # ours join the trainer once the start checks passed
+            kwargs["logger"] = False
+            callbacks.append(AttachLoggers([TensorBoardLogger(root, name="tensorboard"), CSVLogger(root, name="csv")]))
         if isinstance(config.get("val_check_interval"), int) and config.get("check_val_every_n_epoch") == 1:
             kwargs["check_val_every_n_epoch"] = None  # validate every k steps of the run, not of each epoch
         logging = config.get("logger") is not False
         run = self.run or Run(root)
         checkpoint = RunCheckpoint(run, f"val_{self.datamodule.modality.unit}", section["checkpoint"])
+        if self.lock is not None:
+            checkpoint.check_room(self.model)
         self.stop_on_signal = StopOnSignal(checkpoint)
-        callbacks = [checkpoint, DivergenceGuard(), self.stop_on_signal]
+        callbacks += [checkpoint, DivergenceGuard(checkpoint), self.stop_on_signal]
         if logging:
             callbacks += [LearningRateMonitor(logging_interval="step"), TokenThroughputMonitor()]
         if config.get("enable_progress_bar") is not False:
@@ -157,7 +182,32 @@ class SparseTransformerCLI(LightningCLI):
             raise InputError(
                 f"trainer.precision={precision!r} needs a CUDA GPU (fp16 autocast); on a CPU use 32-true or bf16-mixed"
             )
+        self._try_attention(trainer)
         return trainer
+
+    def _try_attention(self, trainer: L.Trainer) -> None:
+        """The attention backend, forward and backward on a tiny case on the trainer's CPU in its precision
+        (``selfcheck.py``): a backend or precision it cannot run is one line now, not a traceback in the first
+        backward. On CUDA the Triton kernel checks itself on its first call instead (no CUDA before the launch)."""
+        network, device = self.model.hparams.network, trainer.strategy.root_device
+        backend = getattr(network.attention, "backend", None)
+        if backend is None or device.type != "cpu" or self.subcommand not in (None, "fit"):
+            return
+        precision = str(trainer.precision)
+        dtype = PRECISION_DTYPES.get(precision.split("-")[0], torch.float32)
+        pattern = network.pattern  # a few strides of it: every kind of piece a kernel makes of the layout
+        n = min(network.context, 4 * (pattern.stride or pattern.block_size)) // pattern.block_size * pattern.block_size
+        layout = pattern.layout(network.n_heads, n)
+        problem = try_backend(
+            get_backend(backend, device), device, dtype, network.head_dim, pattern.block_size, layout,
+            trainer.precision_plugin.forward_context,
+        )  # fmt: skip
+        if problem is not None:
+            chosen = backend if backend != "auto" else f"auto ({resolve_backend(backend, device)})"
+            raise InputError(
+                f"model.network.attention.backend {chosen} cannot train on this CPU in trainer.precision {precision} "
+                f"({problem}); choose another backend or precision"
+            )
 
     def fit(self, model: L.LightningModule, datamodule: L.LightningDataModule, **kwargs: Any) -> None:
         """``trainer.fit`` from the run's checkpoint; in a run of several processes, watched for a failure of any."""
@@ -168,8 +218,9 @@ class SparseTransformerCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.watch is not None:
             self.watch.stop()
-        if self.stop_on_signal.stopped is not None:
-            raise self.stop_on_signal.stopped
+        stopped = self.stop_on_signal.outcome()
+        if stopped is not None:
+            raise stopped
 
     def _failure_watch(self) -> FailureWatch:
         strategy = self.trainer.strategy
@@ -180,7 +231,7 @@ class SparseTransformerCLI(LightningCLI):
     def _tell_the_other_ranks(self, error: Exception) -> None:
         """In a run of several processes, a failure here ends the others with the same line (``distributed.py``)."""
         watch = self.watch or watch_from_environment()
-        if watch is None or isinstance(error, Interrupted):
+        if watch is None:
             return
         cause = input_error(error)
         message = one_line(cause) if cause is not None else port_taken(error, watch.address, watch.port, watch.rank)

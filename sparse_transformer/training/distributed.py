@@ -99,3 +99,15 @@ def port_taken(error: BaseException, address: str, port: int, rank: str) -> str 
         f"the main port {address}:{port} is taken, so this process cannot be {rank}: another process already "
         "runs it there (NODE_RANK given twice?), or pick another MASTER_PORT"
     )
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is global rank 0 of its run, from the variables it was launched with, before Lightning
+    sets up ranks: ``RANK`` (torchrun); else not if ``LOCAL_RANK`` or ``NODE_RANK`` is set and not 0 (Lightning's
+    own launcher starts ranks 1.. of a node with ``LOCAL_RANK`` set); else ``SLURM_PROCID`` (srun), if any."""
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"] == "0"
+    if env.get("LOCAL_RANK", "0") != "0" or env.get("NODE_RANK", "0") != "0":
+        return False
+    return env.get("SLURM_PROCID", "0") == "0"

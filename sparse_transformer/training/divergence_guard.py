@@ -2,7 +2,10 @@
 
 Lightning runs checkpoint callbacks after all others, so when this guard stops a run neither ``last.ckpt``
 nor a best checkpoint holds the diverged weights, and the run can resume from its last good state with a
-lower learning rate (the lr may change on resume).
+lower learning rate (the lr may change on resume). A loss can be finite while its gradient is not: the update
+then makes the weights NaN, and the loss shows it a step later, possibly after a save. That case is caught
+where the weights are written (``checkpoint_io.py`` refuses non-finite weights; ``checkpointing.py`` stops
+the run with the same kind of line). Both name the checkpoint the run last wrote or resumed from.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ import math
 import lightning as L
 import torch
 
-from sparse_transformer.errors import InputError
+from sparse_transformer.training.checkpointing import RunCheckpoint
+from sparse_transformer.training.finite import Diverged
 
-
-class Diverged(InputError):
-    """The loss or the validation metric became non-finite or exploded: usually an lr or precision the model cannot take."""
+__all__ = ["Diverged", "DivergenceGuard"]
 
 
 class DivergenceGuard(L.Callback):
@@ -25,11 +27,12 @@ class DivergenceGuard(L.Callback):
     Guessing uniformly among 256 values costs 8 bits; a model at twice that has diverged, not learned.
 
     Args:
+        checkpoint: the run's checkpoints, whose last good one the message names.
         max_bits: the most bits per byte or dim a healthy run reaches, in training or validation.
     """
 
-    def __init__(self, max_bits: float = 16.0):
-        self.max_bits = max_bits
+    def __init__(self, checkpoint: RunCheckpoint, max_bits: float = 16.0):
+        self.checkpoint, self.max_bits = checkpoint, max_bits
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -45,9 +48,8 @@ class DivergenceGuard(L.Callback):
         bits = float(bits)
         if math.isfinite(bits) and bits <= self.max_bits:
             return
-        last = next((c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks), "") or "none yet"
         value = f"{bits:.4g} bits" if math.isfinite(bits) else str(bits)
         raise Diverged(
-            f"{what} is {value} at step {trainer.global_step}; stopped before "
-            f"saving it (last good checkpoint: {last}); resume from it with a lower --model.lr or a more stable precision"
+            f"{what} is {value} at step {trainer.global_step}; stopped before saving it (last good checkpoint: "
+            f"{self.checkpoint.describe_good()}); resume from it with a lower --model.lr or a more stable precision"
         )

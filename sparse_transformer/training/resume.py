@@ -2,10 +2,11 @@
 
 A checkpoint records its run's identity: the model's options, the data (its DataModule, options and a
 fingerprint of its files) and the seed, with a hash of all of them. Resuming from a checkpoint of another run,
-or from a file that is no checkpoint of ours, stops in one line naming the file and what differs, before
-anything is restored. What may change on resume: the attention backend, recomputation and compilation (they do not
-change the function), the learning rate and its schedule (a diverged run resumes with a lower lr), and anything of
-the trainer's (more steps, other devices, workers).
+from a damaged one (its seal, ``checkpoint_io.py``) or from a file that is no checkpoint of ours, stops in one
+line naming the file and what differs, before anything is restored; a resume that goes ahead says in one line
+what was checked, the data's fingerprint included. What may change on resume: the attention backend,
+recomputation and compilation (they do not change the function), the learning rate and its schedule (a
+diverged run resumes with a lower lr), and anything of the trainer's (more steps, other devices, workers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import lightning as L
 import torch
 
 from sparse_transformer.errors import InputError
+from sparse_transformer.training.checkpoint_io import verify
 
 FREE_ON_RESUME = {
     "model.network.attention.backend", "model.network.recompute", "model.network.compile", "model.lr", "model.warmup_steps",
@@ -52,8 +54,9 @@ def fingerprint(datamodule: L.LightningDataModule) -> dict[str, Any]:
     return datamodule.fingerprint() if hasattr(datamodule, "fingerprint") else {}
 
 
-def check_resumable(path: str, module: L.LightningModule, identity: dict[str, Any] | None = None) -> None:
-    """Refuse a missing, unreadable or foreign checkpoint with one line naming the file and the problem.
+def check_resumable(path: str, module: L.LightningModule, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint at ``path``; a missing, unreadable, damaged or foreign one is refused with one line naming
+    the file and the problem.
 
     With the run's ``identity`` the checkpoint's must match it; a checkpoint that records none (written
     outside ``train.py``) must match the model's options.
@@ -82,16 +85,38 @@ def check_resumable(path: str, module: L.LightningModule, identity: dict[str, An
         key = next(k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k))
         what = f"{key}: checkpoint {theirs.get(key, 'missing')}, model {ours.get(key, 'missing')}"
         raise InputError(f"checkpoint {path} does not match the configured model ({what})")
+    return ckpt
+
+
+def resume_line(path: str, ckpt: dict[str, Any], identity: dict[str, Any] | None) -> str:
+    """What a resume checked, in one line: ``resuming from last.ckpt at step 6: its SHA-256 verified, same model,
+    seed and data (the whole file hashed: 466,012 bytes)``."""
+    sealed = "its SHA-256 verified" if verify(path) else "no checksum to verify (saved before checkpoints were sealed)"
+    data = data_covered(identity or {})
+    return f"resuming from {path} at step {ckpt.get('global_step')}: {sealed}, same model, seed and data ({data})"
+
+
+def data_covered(identity: dict[str, Any]) -> str:
+    """What the data's fingerprint covers, from the keys a DataModule's ``fingerprint`` gives."""
+    if "data.content_sha256" in identity:
+        return f"the whole file hashed: {identity.get('data.file_bytes', 0):,} bytes"
+    if "data.contents_sha256" in identity:
+        return f"every byte of its {identity.get('data.files', 0):,} files hashed"
+    if "data.files_sha256" in identity:
+        return f"names and sizes of its {identity.get('data.files', 0):,} files, contents not read"
+    return "its options only"
 
 
 def read_checkpoint(path: str | Path) -> Any:
-    """The checkpoint's contents without reading its tensors (mmap) or running any code (weights_only)."""
+    """The checkpoint's contents, its seal verified (``checkpoint_io.verify``), without reading its tensors
+    again (mmap) or running any code (weights_only)."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"checkpoint {path} is a folder; give a .ckpt file (or --ckpt_path last for the run's latest)")
     try:
         if not path.is_file():
             raise InputError(f"checkpoint {path} not found")
+        verify(path)
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except PermissionError as e:
         raise InputError(f"checkpoint {path} cannot be read: permission denied") from e

@@ -8,6 +8,7 @@ handed to what needs it (the checkpoint callback, the signal handler, ``fit``).
     <run folder>/csv/           the same metrics as CSV
     <run folder>/samples/       SampleLogger's files, by step
     <run folder>/config.yaml    the full resolved config of the latest start
+    <run folder>/run.lock       while the run runs: who runs it (``run_folder.py``)
 
 Left out, the folder is named after the configs: ``--config configs/tiny.yaml --config
 configs/variants/performer.yaml`` runs in ``runs/tiny-performer``. A new run refuses a folder that already holds another run's checkpoints, so two runs never overwrite each

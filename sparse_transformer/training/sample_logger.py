@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from sparse_transformer.errors import InputError
 from sparse_transformer.files import write_atomic
-from sparse_transformer.sampling import Sampling, sample
+from sparse_transformer.sampling import NotFinite, Sampling, sample
+from sparse_transformer.training import signals
+from sparse_transformer.training.finite import first_non_finite
 
 
 class SampleLogger(L.Callback):
@@ -78,9 +81,11 @@ class SampleLogger(L.Callback):
         modality, step, length = pl_module.modality, trainer.global_step, self.sample_length(pl_module)
         was_training = pl_module.training
         started = time.perf_counter()
-        tokens = sample(pl_module.model, modality, self.num_samples, length, self.sampling)
+        tokens = self.generate(pl_module, step, length)
         seconds = time.perf_counter() - started
         pl_module.train(was_training)
+        if tokens is None:
+            return
         tokens = tokens.cpu()
         folder = Path(trainer.default_root_dir) / "samples" / f"step={step}"
         for name, data in modality.files(tokens).items():
@@ -91,3 +96,28 @@ class SampleLogger(L.Callback):
                 modality.log(logger.experiment, tokens, step)
         rate = self.num_samples * length / seconds
         rank_zero_info(f"samples at step {step}: {self.num_samples} x {length} tokens in {seconds:.1f} s ({rate:,.0f} tokens/s), {folder}")
+
+    def generate(self, pl_module: L.LightningModule, step: int, length: int) -> torch.Tensor | None:
+        """The samples, or None where a bad model or a stop makes them pointless: weights that are not finite (the
+        divergence guard or the checkpoint writer stops the run in one line next), outputs that are not, or a
+        SIGTERM / SIGINT during generation (the run stops at the end of this validation, ``signals.py``)."""
+        bad = first_non_finite(pl_module.named_parameters())
+        if bad is not None:
+            rank_zero_warn(f"no samples at step {step}: {bad[0]} holds {bad[1]}")
+            return None
+        try:
+            return sample(pl_module.model, pl_module.modality, self.num_samples, length, self.sampling, progress=_stop_on_signal)
+        except NotFinite as e:
+            rank_zero_warn(f"no samples at step {step}: {e}")
+        except _Stopped:
+            pass
+        return None
+
+
+class _Stopped(Exception):
+    """A signal arrived during sampling."""
+
+
+def _stop_on_signal(done: int) -> None:
+    if signals.received():
+        raise _Stopped

@@ -34,10 +34,29 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return AUTO.get(device.type, "blocks") if name == "auto" else name
 
 
+# On CUDA the Triton kernel is checked against the reference on its first call for a shape (selfcheck.py): asked
+# for by name, a failure stops the run; picked by ``auto``, FlexAttention takes over.
+CHECKED_TRITON = {
+    "triton": "sparse_transformer.model.kernels.selfcheck:verified_triton",
+    "auto": "sparse_transformer.model.kernels.selfcheck:triton_or_flex",
+}
+
+
 def get_backend(name: str, device: torch.device) -> AttentionFn:
     """The attention function of backend ``name`` (or ``auto``) on ``device``."""
-    name = resolve_backend(name, device)
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not one of auto, {', '.join(BACKENDS)}")
-    module, function = BACKENDS[name].split(":")
+    resolved = resolve_backend(name, device)
+    if resolved not in BACKENDS:
+        raise ValueError(f"attention backend {resolved!r} is not one of auto, {', '.join(BACKENDS)}")
+    if resolved == "triton" and device.type == "cuda":
+        return _load(CHECKED_TRITON[name])
+    return load_backend(resolved)
+
+
+def load_backend(name: str) -> AttentionFn:
+    """Backend ``name``'s own function, unchecked."""
+    return _load(BACKENDS[name])
+
+
+def _load(where: str) -> AttentionFn:
+    module, function = where.split(":")
     return getattr(importlib.import_module(module), function)
