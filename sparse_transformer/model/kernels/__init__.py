@@ -15,23 +15,32 @@ import torch
 from sparse_transformer.model.kernels.reference import reference_attention
 
 AttentionFn = Callable[..., torch.Tensor]
-BACKENDS = ("auto", "triton", "pieces", "blocks", "flex", "reference")
+BACKENDS = ("auto", "triton", "cpp", "pieces", "blocks", "flex", "reference")
 
 
 def get_backend(name: str, device: torch.device) -> AttentionFn:
-    """The attention function for backend ``name``; ``auto`` is triton on CUDA, pieces on the CPU (PyTorch's
-    fused flash kernel on unmasked pieces of the layout) and blocks elsewhere (e.g. Apple's MPS).
+    """The attention function for backend ``name``; ``auto`` is triton on CUDA, cpp on the CPU (the C++ kernel,
+    built on first use; pieces, PyTorch's fused flash kernel on pieces of the layout, where it cannot be built)
+    and blocks elsewhere (e.g. Apple's MPS).
 
     Imports are lazy: Triton reads TRITON_INTERPRET when it is first imported.
     """
     if name == "auto":
-        name = {"cuda": "triton", "cpu": "pieces"}.get(device.type, "blocks")
+        name = {"cuda": "triton", "cpu": "cpp"}.get(device.type, "blocks")
+        if name == "cpp":
+            from sparse_transformer.model.kernels.cpp import available
+
+            name = "cpp" if available() else "pieces"
     if name == "reference":
         return reference_attention
     if name == "blocks":
         from sparse_transformer.model.kernels.blocks import blocks_attention
 
         return blocks_attention
+    if name == "cpp":
+        from sparse_transformer.model.kernels.cpp import cpp_attention
+
+        return cpp_attention
     if name == "pieces":
         from sparse_transformer.model.kernels.pieces import pieces_attention
 
