@@ -24,7 +24,7 @@ from sparse_transformer.model.patterns import AttentionPattern, PatternError
 if TYPE_CHECKING:
     from sparse_transformer.modality import Modality
 
-Backend = Literal["auto", "triton", "pieces", "blocks", "flex", "reference"]
+Backend = Literal["auto", "triton", "cpp", "pieces", "blocks", "flex", "reference"]
 AttentionKind = Literal["sparse", "performer", "adaptive_span"]
 
 
