@@ -122,6 +122,12 @@ def _live_digests() -> set[tuple]:
     return {digest for ref, digest in _digests.values() if ref() is not None}
 
 
+def clear_caches() -> None:
+    """Empty every per-layout cache (``bench/memory.py`` measures a layout's first call)."""
+    for cache in _caches:
+        cache.cache_clear()
+
+
 def cache_bytes() -> int:
     """Bytes of the tensors held by every per-layout cache (plans, tables, masks): what they add to memory."""
     seen: set[int] = set()
