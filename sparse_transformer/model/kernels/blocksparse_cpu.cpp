@@ -116,6 +116,18 @@ void mask_chunk(float* s, int ld, const Tiles& tl, int64_t t, int k0, int k1, in
   }
 }
 
+// Tiles by their work (query blocks x key blocks), the largest first: taken in turn by the threads, the last
+// ones to finish are short.
+std::vector<int64_t> largest_first(const Tiles& tl) {
+  std::vector<int64_t> order(tl.count);
+  for (int64_t t = 0; t < tl.count; ++t) order[t] = t;
+  auto work = [&](int64_t t) {
+    return static_cast<int64_t>(tl.rows_ptr[t + 1] - tl.rows_ptr[t]) * (tl.keys_ptr[t + 1] - tl.keys_ptr[t]);
+  };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return work(a) > work(c); });
+  return order;
+}
+
 constexpr int CHUNK_KEYS = 512;  // keys per chunk of a tile (whole blocks, at least one)
 
 int chunk_blocks(int bs) { return std::max(1, CHUNK_KEYS / bs); }
@@ -135,6 +147,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const int per_chunk = chunk_blocks(bs);
   const int64_t tasks = B * tl.count;
+  const std::vector<int64_t> order = largest_first(tl);
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
@@ -142,7 +155,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     std::vector<std::pair<int, int>> runs;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / tl.count, t = task % tl.count;
+      const int64_t b = task / tl.count, t = order[task % tl.count];
       const int32_t* rows_t = tl.rows + tl.rows_ptr[t];
       const int G = tl.rows_ptr[t + 1] - tl.rows_ptr[t], M = G * bs;
       const float* qb = qp + b * L * D;
@@ -233,14 +246,22 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
               *vp = v.data_ptr<float>(), *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const int per_chunk = chunk_blocks(bs);
+  // Heads in order of their work, the largest first, so the last ones to finish are short (heads differ: split
+  // and interleaved patterns give half the heads another rule).
+  std::vector<int64_t> work(H, 0), order(B * H);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = hp[h]; t < hp[h + 1]; ++t)
+      work[h] += static_cast<int64_t>(tl.rows_ptr[t + 1] - tl.rows_ptr[t]) * (tl.keys_ptr[t + 1] - tl.keys_ptr[t]);
+  for (int64_t i = 0; i < B * H; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return work[a % H] > work[c % H]; });
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> qbuf, gbuf, dqbuf, sbuf, pbuf, lbuf, dbuf;
     std::vector<std::pair<int, int>> runs;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * H; ++task) {
-      const int64_t b = task / H, h = task % H;
+    for (int64_t i = 0; i < B * H; ++i) {
+      const int64_t b = order[i] / H, h = order[i] % H;
       const int64_t base = b * L * D;
       for (int64_t t = hp[h]; t < hp[h + 1]; ++t) {
         const int32_t* rows_t = tl.rows + tl.rows_ptr[t];
