@@ -38,8 +38,9 @@ def test_every_pattern_and_head_mode_matches_the_reference(name, layer):
         (AttentionPattern("dense", block_size=8).layout(2, 64), 8),  # SDPA's causal kernel
         (torch.ones(2, 1, 1, dtype=torch.bool), 16),  # one block
         (AttentionPattern("strided", block_size=1, stride=4).layout(2, 24), 1),  # element-level blocks, 16 to a tile
+        (AttentionPattern("strided", block_size=8, stride=24, heads="split").layout(2, 200), 8),  # 25 rows, step 3
     ],
-    ids=["random", "short-last-tile", "single-block-rows", "dense", "one-block", "block-1"],
+    ids=["random", "short-last-tile", "single-block-rows", "dense", "one-block", "block-1", "step-not-dividing"],
 )
 def test_unusual_layouts(layout, block_size):
     oracle.check_against_reference(cpp_attention, layout, block_size, torch.float32, 1e-5)
@@ -76,6 +77,18 @@ def test_a_tile_groups_small_blocks_and_reads_the_union_of_their_keys():
     want = torch.block_diag(*layout.int())
     assert torch.equal(covered, want)
     assert tiles.head_ptr.tolist() == [0, R // 4, 2 * R // 4]
+    assert torch.equal(tiles.order.sort().values, torch.arange(len(tiles.order), dtype=torch.int32))
+
+
+def test_column_rows_are_visited_by_residue():
+    """strided's column rule (row r reads r, r - 4, r - 8, ...): a head's rows go r, r + 4, r + 8, ..., so the next
+    row reads what the last one did and one block more; the row rule's heads keep their order."""
+    layout = AttentionPattern("strided", block_size=32, stride=128, heads="split").layout(2, 1024)  # head 1: columns
+    tiles = _tiles(layout, 32)
+    rows = tiles.rows[tiles.order.long()].tolist()  # one block a tile
+    R = 32
+    assert rows[:R] == list(range(R))
+    assert rows[R:] == [R + r for residue in range(4) for r in range(residue, R, 4)]
 
 
 def test_auto_is_cpp_on_the_cpu():

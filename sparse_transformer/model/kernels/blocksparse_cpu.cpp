@@ -1,7 +1,8 @@
 // Block-sparse causal attention on the CPU, forward and backward, flash-style: see ../cpp.py.
 //
 // Work comes in tiles: a few query blocks of one head (any blocks, copied side by side) and the union of the
-// key blocks they read, ascending, each with a bit per query block that sees it. A tile's keys are taken a
+// key blocks they read, ascending, each with a bit per query block that sees it; tiles are visited in an order
+// that keeps the key blocks successive tiles share in cache (cpp.py). A tile's keys are taken a
 // chunk at a time; within a chunk, key blocks adjacent in memory form one run, one GEMM. The scores of a chunk
 // are masked at block level (bits) and causally in a query block's own key block, then folded into the
 // running max, sum and output (online softmax). The backward recomputes the probabilities from the saved
@@ -74,16 +75,18 @@ struct Tiles {
   const int32_t* keys_ptr;  // (T + 1)
   const int32_t* keys;      // flat key block, ascending within a tile
   const int32_t* seen;      // bit i: the tile's i-th query block reads this key block
+  const int32_t* order;     // (T): the tiles in the order to visit them, head by head
   int64_t count;
 };
 
 Tiles tiles_of(const at::Tensor& rows_ptr, const at::Tensor& rows, const at::Tensor& keys_ptr, const at::Tensor& keys,
-               const at::Tensor& seen) {
-  for (const auto* t : {&rows_ptr, &rows, &keys_ptr, &keys, &seen}) {
+               const at::Tensor& seen, const at::Tensor& order) {
+  for (const auto* t : {&rows_ptr, &rows, &keys_ptr, &keys, &seen, &order}) {
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device().is_cpu(), "tile tables: int32 CPU");
   }
+  TORCH_CHECK(order.numel() == rows_ptr.numel() - 1, "tile order: one entry per tile");
   return {rows_ptr.data_ptr<int32_t>(), rows.data_ptr<int32_t>(), keys_ptr.data_ptr<int32_t>(),
-          keys.data_ptr<int32_t>(), seen.data_ptr<int32_t>(), rows_ptr.numel() - 1};
+          keys.data_ptr<int32_t>(), seen.data_ptr<int32_t>(), order.data_ptr<int32_t>(), rows_ptr.numel() - 1};
 }
 
 // Key blocks [k0, k1) of a tile as runs of blocks adjacent in memory: (first block index in the list, length).
@@ -116,18 +119,6 @@ void mask_chunk(float* s, int ld, const Tiles& tl, int64_t t, int k0, int k1, in
   }
 }
 
-// Tiles by their work (query blocks x key blocks), the largest first: taken in turn by the threads, the last
-// ones to finish are short.
-std::vector<int64_t> largest_first(const Tiles& tl) {
-  std::vector<int64_t> order(tl.count);
-  for (int64_t t = 0; t < tl.count; ++t) order[t] = t;
-  auto work = [&](int64_t t) {
-    return static_cast<int64_t>(tl.rows_ptr[t + 1] - tl.rows_ptr[t]) * (tl.keys_ptr[t + 1] - tl.keys_ptr[t]);
-  };
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return work(a) > work(c); });
-  return order;
-}
-
 constexpr int CHUNK_KEYS = 512;  // keys per chunk of a tile (whole blocks, at least one)
 
 int chunk_blocks(int bs) { return std::max(1, CHUNK_KEYS / bs); }
@@ -135,9 +126,9 @@ int chunk_blocks(int bs) { return std::max(1, CHUNK_KEYS / bs); }
 // q, k, v: (B, H*R*bs, D) contiguous fp32. Returns out (same) and lse (B, H*R*bs).
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows_ptr,
                                 const at::Tensor& rows, const at::Tensor& keys_ptr, const at::Tensor& keys,
-                                const at::Tensor& seen, int64_t block_size, double scale_) {
+                                const at::Tensor& seen, const at::Tensor& order, int64_t block_size, double scale_) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && k.is_contiguous() && v.is_contiguous());
-  const Tiles tl = tiles_of(rows_ptr, rows, keys_ptr, keys, seen);
+  const Tiles tl = tiles_of(rows_ptr, rows, keys_ptr, keys, seen, order);
   const int64_t B = q.size(0), L = q.size(1), D = q.size(2);
   const int bs = static_cast<int>(block_size), Dn = static_cast<int>(D);
   const float scale = static_cast<float>(scale_);
@@ -146,8 +137,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const int per_chunk = chunk_blocks(bs);
-  const int64_t tasks = B * tl.count;
-  const std::vector<int64_t> order = largest_first(tl);
+  const int64_t tasks = B * tl.count;  // in the tiles' order: successive tiles read many of the same key blocks
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
@@ -155,7 +145,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     std::vector<std::pair<int, int>> runs;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / tl.count, t = order[task % tl.count];
+      const int64_t b = task / tl.count, t = tl.order[task % tl.count];
       const int32_t* rows_t = tl.rows + tl.rows_ptr[t];
       const int G = tl.rows_ptr[t + 1] - tl.rows_ptr[t], M = G * bs;
       const float* qb = qp + b * L * D;
@@ -232,9 +222,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rows_ptr,
                                  const at::Tensor& rows, const at::Tensor& keys_ptr, const at::Tensor& keys,
-                                 const at::Tensor& seen, const at::Tensor& head_ptr, int64_t block_size, double scale_) {
+                                 const at::Tensor& seen, const at::Tensor& order, const at::Tensor& head_ptr,
+                                 int64_t block_size, double scale_) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && out.is_contiguous() && lse.is_contiguous());
-  const Tiles tl = tiles_of(rows_ptr, rows, keys_ptr, keys, seen);
+  const Tiles tl = tiles_of(rows_ptr, rows, keys_ptr, keys, seen, order);
   TORCH_CHECK(head_ptr.scalar_type() == at::kInt && head_ptr.is_contiguous());
   const int32_t* hp = head_ptr.data_ptr<int32_t>();
   const int64_t H = head_ptr.numel() - 1;
@@ -248,12 +239,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
   const int per_chunk = chunk_blocks(bs);
   // Heads in order of their work, the largest first, so the last ones to finish are short (heads differ: split
   // and interleaved patterns give half the heads another rule).
-  std::vector<int64_t> work(H, 0), order(B * H);
+  std::vector<int64_t> work(H, 0), heads(B * H);
   for (int64_t h = 0; h < H; ++h)
     for (int64_t t = hp[h]; t < hp[h + 1]; ++t)
       work[h] += static_cast<int64_t>(tl.rows_ptr[t + 1] - tl.rows_ptr[t]) * (tl.keys_ptr[t + 1] - tl.keys_ptr[t]);
-  for (int64_t i = 0; i < B * H; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return work[a % H] > work[c % H]; });
+  for (int64_t i = 0; i < B * H; ++i) heads[i] = i;
+  std::stable_sort(heads.begin(), heads.end(), [&](int64_t a, int64_t c) { return work[a % H] > work[c % H]; });
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
@@ -261,9 +252,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
     std::vector<std::pair<int, int>> runs;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < B * H; ++i) {
-      const int64_t b = order[i] / H, h = order[i] % H;
+      const int64_t b = heads[i] / H, h = heads[i] % H;
       const int64_t base = b * L * D;
-      for (int64_t t = hp[h]; t < hp[h + 1]; ++t) {
+      for (int64_t visit = hp[h]; visit < hp[h + 1]; ++visit) {
+        const int64_t t = tl.order[visit];
         const int32_t* rows_t = tl.rows + tl.rows_ptr[t];
         const int G = tl.rows_ptr[t + 1] - tl.rows_ptr[t], M = G * bs;
         qbuf.resize(static_cast<size_t>(M) * D);
@@ -327,9 +319,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
 
 TORCH_LIBRARY(sparse_transformer_cpp, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor rows_ptr, Tensor rows, Tensor keys_ptr, Tensor keys, "
-        "Tensor seen, int block_size, float scale) -> Tensor[]");
+        "Tensor seen, Tensor order, int block_size, float scale) -> Tensor[]");
   m.def("backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor rows_ptr, Tensor rows, "
-        "Tensor keys_ptr, Tensor keys, Tensor seen, Tensor head_ptr, int block_size, float scale) -> Tensor[]");
+        "Tensor keys_ptr, Tensor keys, Tensor seen, Tensor order, Tensor head_ptr, int block_size, float scale) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(sparse_transformer_cpp, CPU, m) {

