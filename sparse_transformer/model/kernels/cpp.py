@@ -80,32 +80,35 @@ def _tiles(layout: torch.Tensor, block_size: int) -> Tiles:
     dense = bool((layout == torch.ones(R, R, dtype=torch.bool).tril()).all())
     G = max(1, min(MAX_TILE_BLOCKS, TILE_QUERIES // block_size))
     T = -(-R // G)  # tiles per head
-    padded = torch.zeros(H, T * G, R, dtype=torch.bool)
-    padded[:, :R] = layout
-    groups = padded.view(H, T, G, R)
-    union = groups.any(2)  # (H, T, R): key blocks a tile reads
-    bits = (groups.int() << torch.arange(G).view(1, 1, G, 1)).sum(2)  # (H, T, R): which of its rows see each
-    h, t, c = union.nonzero(as_tuple=True)  # row-major: by head, tile, then key block ascending
-    first = torch.arange(H)[:, None] * R + torch.arange(T)[None, :] * G  # (H, T): each tile's first query block
-    size = (R - torch.arange(T) * G).clamp(max=G).expand(H, T)  # the last tile of a head may be short
-    row_offsets = torch.arange(G).expand(H, T, G)
-    rows = (first[..., None] + row_offsets)[row_offsets < size[..., None]]
-    # A head of column rows is visited by residue of the first row modulo its step: strided's rows r, r + s,
-    # r + 2s, ... read nearly the same blocks, which then stay in cache between them (10% faster at N=8192).
-    steps = [_column_step(layout[h]) or R for h in range(H)]
-    first_rows = torch.arange(T) * G
-    order = torch.cat([h * T + torch.argsort(first_rows % s * R + first_rows) for h, s in enumerate(steps)])
+    size = (R - torch.arange(T) * G).clamp(max=G)  # query blocks of each tile: the last of a head may be short
+    offsets = torch.arange(G).expand(T, G)
+    head_rows = (torch.arange(T)[:, None] * G + offsets)[offsets < size[:, None]]  # a head's tiles' rows, in order
+    keys, key_counts, seen, orders = [], [], [], []
+    for h in range(H):  # one head at a time: (R, R) temporaries, whatever H
+        groups = torch.zeros(T * G, R, dtype=torch.bool)
+        groups[:R] = layout[h]
+        groups = groups.view(T, G, R)
+        union = groups.any(1)  # (T, R): the key blocks a tile reads
+        t, c = union.nonzero(as_tuple=True)  # by tile, then key block ascending
+        keys.append(h * R + c)
+        key_counts.append(union.sum(1))
+        seen.append((groups.int() << torch.arange(G).view(1, G, 1)).sum(1)[t, c])  # which of its rows read each
+        # A head of column rows is visited by residue of the first row modulo its step: strided's rows r, r + s,
+        # r + 2s, ... read nearly the same blocks, which then stay in cache between them (8% faster at N=8192).
+        step = _column_step(layout[h]) or R
+        first = torch.arange(T) * G
+        orders.append(h * T + torch.argsort(first % step * R + first))
 
     def pointers(counts: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros(1, dtype=torch.long), counts.flatten().cumsum(0)]).int()
+        return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
 
     return Tiles(
-        rows_ptr=pointers(size),
-        rows=rows.int(),
-        keys_ptr=pointers(union.sum(-1)),
-        keys=(h * R + c).int(),
-        seen=bits[h, t, c].int(),
-        order=order.int(),
+        rows_ptr=pointers(size.repeat(H)),
+        rows=(torch.arange(H)[:, None] * R + head_rows).flatten().int(),
+        keys_ptr=pointers(torch.cat(key_counts)),
+        keys=torch.cat(keys).int(),
+        seen=torch.cat(seen).int(),
+        order=torch.cat(orders).int(),
         head_ptr=(torch.arange(H + 1) * T).int(),
         dense=dense,
     )
