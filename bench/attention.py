@@ -364,7 +364,7 @@ def cpu_name() -> str:
     return f"{model} ({' '.join(have) or 'no flags read'}; torch uses {torch.backends.cpu.get_cpu_capability()})"
 
 
-def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started: str) -> str:
+def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started: str, load: float) -> str:
     try:
         import triton
 
@@ -383,6 +383,8 @@ def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started:
         "",
         f"- command: `{command}`",
         f"- date: {started}; torch {torch.__version__}, triton {triton_version}",
+        *([f"- load average at the start: {load:.2f} on {os.cpu_count()} cores: other work ran beside this run (the rows of "
+           "one N are timed in turns, so it falls on them alike)"] if args.device.type == "cpu" and load > 0.5 else []),
         f"- q, k, v: [B, H, N, D] = [{args.batch}, {args.heads}, N, {args.head_dim}], {args.dtype}",
         *(f"- {kind} (at N={args.seq_lens[0]}): {pattern(kind, args.seq_lens[0], args)}" for kind in args.layouts if kind != "dense"),
         f"- head modes: {', '.join(args.head_modes)} (a layout named kind-mode; -L1: the rule of odd layers)",
@@ -407,12 +409,12 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started, load = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), os.getloadavg()[0]
     torch.manual_seed(0)
     notes: list[str] = []
     print("\n".join(HEADER), flush=True)
     rows = run(args, notes)
-    text = report(args, rows, notes + flex_notes(args), started)
+    text = report(args, rows, notes + flex_notes(args), started, load)
     if args.device.type == "cuda":
         slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(args.device).lower()).strip("-")
     else:
