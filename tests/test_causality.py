@@ -54,7 +54,7 @@ def cases() -> list[tuple[str, str, str, str]]:
             if attention != "sparse" and arch.get("persistent_memory"):
                 continue
             for pattern in PATTERNS if attention != "performer" else ["dense"]:
-                for backend in ["reference", "blocks", "pieces"] if attention == "sparse" else ["auto"]:
+                for backend in ["reference", "blocks", "cpp", "pieces"] if attention == "sparse" else ["auto"]:
                     out.append((attention, architecture, pattern, backend))
     return out
 
