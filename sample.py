@@ -11,6 +11,8 @@ same output.
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (threads.configure() runs before the imports that load torch)
+
 import argparse
 import dataclasses
 import importlib
@@ -18,6 +20,10 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from sparse_transformer import threads
+
+threads.configure()  # OpenMP's spin-wait for this machine's load; before torch loads (sparse_transformer/threads.py)
 
 import lightning as L
 import torch

@@ -6,8 +6,12 @@ shows every option with its value, ``--model.network.n_layers 8`` overrides one.
 folder is ``--trainer.default_root_dir``.
 """
 
-from sparse_transformer.errors import run_cli
-from sparse_transformer.training.cli import main
+from sparse_transformer import threads
+
+threads.configure()  # OpenMP's spin-wait for this machine's load; before torch loads (sparse_transformer/threads.py)
+
+from sparse_transformer.errors import run_cli  # noqa: E402
+from sparse_transformer.training.cli import main  # noqa: E402
 
 __all__ = ["main"]
 

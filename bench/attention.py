@@ -1,12 +1,12 @@
 """Benchmark the attention backends: forward and forward+backward time, TFLOP/s and peak memory per N.
 
     python bench/attention.py                     # CUDA: every backend, N = 1024 ... 65536, bf16
-    python bench/attention.py --device cpu --backends sdpa flex pieces blocks --stride sqrt \\
+    python bench/attention.py --device cpu --backends sdpa flex cpp pieces blocks --stride sqrt \\
         --seq-lens 2048 4096 8192 16384 --dtype float32
     TRITON_INTERPRET=1 python bench/attention.py --seq-lens 64 128 --heads 2 --head-dim 16 --block-size 16 \\
         --dtype float32
 
-The sparse backends (triton, flex, pieces, blocks, reference) run the strided, fixed and local layouts of the
+The sparse backends (triton, flex, cpp, pieces, blocks, reference) run the strided, fixed and local layouts of the
 paper; ``sdpa`` is dense causal attention (torch's scaled_dot_product_attention, is_causal=True), the baseline
 to beat. FlexAttention runs compiled on every device; on the CPU torch has no backward for it, so only its
 forward is timed there. The table is printed and written as Markdown, with the command that made it, to
@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench import plots  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import get_backend  # noqa: E402
+from sparse_transformer.model.kernels.cpp import available as cpp_available  # noqa: E402
 from sparse_transformer.model.patterns import AttentionPattern, density  # noqa: E402
 
-BACKENDS = ("sdpa", "flex", "triton", "pieces", "blocks", "reference")  # run in this order: the baselines first
+BACKENDS = ("sdpa", "flex", "triton", "cpp", "pieces", "blocks", "reference")  # run in this order: the baselines first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -172,6 +173,8 @@ def backends(args: argparse.Namespace, notes: list[str]) -> dict[str, Callable]:
             found[name] = compiled_flex
         elif name == "triton" and args.device.type != "cuda" and not INTERPRET:
             notes.append("triton skipped: needs CUDA, or TRITON_INTERPRET=1 to run in Triton's interpreter")
+        elif name == "cpp" and (args.device.type != "cpu" or not cpp_available()):
+            notes.append("cpp skipped: " + ("a CPU backend" if args.device.type != "cpu" else "its kernel could not be built here"))
         else:
             try:
                 found[name] = get_backend(name, args.device)
@@ -340,16 +343,28 @@ def flex_notes(args: argparse.Namespace) -> list[str]:
     return notes
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def cpu_name() -> str:
+    """The CPU's model and the instruction sets the kernels' speed depends on, e.g. ``AMD EPYC (avx2 fma avx512f
+    avx512_vnni avx512_bf16; torch uses AVX512)``: figures compare only within one CPU."""
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{models[0] if models else platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    field = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in lines if ":" in line}
+    model = field.get("model name") or platform.processor() or "CPU"
+    flags = set((field.get("flags") or field.get("Features") or "").split())
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{model} ({' '.join(have) or 'no flags read'}; torch uses {torch.backends.cpu.get_cpu_capability()})"
 
 
-def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started: str) -> str:
+def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started: str, load: float) -> str:
     try:
         import triton
 
@@ -368,6 +383,8 @@ def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started:
         "",
         f"- command: `{command}`",
         f"- date: {started}; torch {torch.__version__}, triton {triton_version}",
+        *([f"- load average at the start: {load:.2f} on {os.cpu_count()} cores: other work ran beside this run (the rows of "
+           "one N are timed in turns, so it falls on them alike)"] if args.device.type == "cpu" and load > 0.5 else []),
         f"- q, k, v: [B, H, N, D] = [{args.batch}, {args.heads}, N, {args.head_dim}], {args.dtype}",
         *(f"- {kind} (at N={args.seq_lens[0]}): {pattern(kind, args.seq_lens[0], args)}" for kind in args.layouts if kind != "dense"),
         f"- head modes: {', '.join(args.head_modes)} (a layout named kind-mode; -L1: the rule of odd layers)",
@@ -392,12 +409,12 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    started, load = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), os.getloadavg()[0]
     torch.manual_seed(0)
     notes: list[str] = []
     print("\n".join(HEADER), flush=True)
     rows = run(args, notes)
-    text = report(args, rows, notes + flex_notes(args), started)
+    text = report(args, rows, notes + flex_notes(args), started, load)
     if args.device.type == "cuda":
         slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(args.device).lower()).strip("-")
     else:

@@ -2,8 +2,12 @@
 
 import os
 
-import pytest
-import torch
+from sparse_transformer import threads
+
+threads.configure()  # the suite gives way to other work on the machine, as train.py does
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -46,7 +46,7 @@ def test_memory_layout_is_a_valid_causal_layout_with_the_old_one_in_the_corner()
     assert ext[:, 2:, :2].all() and not ext[:, :2, 2:].any()
 
 
-CASES = [(p, backend, 32) for p in PATTERNS for backend in ("reference", "blocks", "pieces")]
+CASES = [(p, backend, 32) for p in PATTERNS for backend in ("reference", "blocks", "cpp", "pieces")]
 CASES += [(PATTERNS[1], "blocks", 16)]  # a shorter sequence: the top-left corner of the memory layout
 # The Triton kernel (interpreted on CPU) takes blocks of 16 or more.
 CASES += [(AttentionPattern("fixed", block_size=16, stride=32, summary=16, heads="split"), "triton", 64)]
@@ -148,10 +148,11 @@ def test_memory_in_an_hourglass_gives_the_same_logits_on_every_backend():
     model = SparseTransformer(config)
     x = torch.randint(0, 256, (2, 50))
     logits = {}
-    for backend in ("reference", "blocks", "pieces", "triton"):
+    for backend in ("reference", "blocks", "cpp", "pieces", "triton"):
         for block in model.all_blocks():
             block.attn.backend = backend
         logits[backend] = model.eval()(x)
     torch.testing.assert_close(logits["blocks"], logits["reference"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["cpp"], logits["reference"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits["pieces"], logits["reference"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits["triton"], logits["reference"], atol=1e-5, rtol=1e-5)

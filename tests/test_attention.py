@@ -46,7 +46,7 @@ def test_reference_sparse_equals_explicit_masked_softmax():
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=lambda p: f"{p.kind}-{p.heads}-bs{p.block_size}")
-@pytest.mark.parametrize("backend", ["reference", "blocks", "pieces"])
+@pytest.mark.parametrize("backend", ["reference", "blocks", "cpp", "pieces"])
 def test_outputs_never_depend_on_the_future(pattern, backend):
     torch.manual_seed(0)
     n, t = 32, 13

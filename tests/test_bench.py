@@ -1,6 +1,7 @@
 """The benchmark scripts run and say what they measured: tiny shapes, numbers checked only where they are counts
 or grow by a known law."""
 
+import itertools
 import math
 
 import pytest
@@ -11,9 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def table_rows(text: str, header: str) -> list[list[str]]:
-    """The cells of the Markdown table under the line that starts with ``header``."""
-    lines = text[text.index(header) :].splitlines()[2:]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    """The cells of the first Markdown table under a line that starts with ``header``."""
+    lines = itertools.takewhile(lambda line: line.startswith("|"), text[text.index(header) :].splitlines()[2:])
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
 def test_sampling_bench_counts_one_prefill_per_slide(tmp_path):
@@ -33,10 +34,11 @@ def test_sampling_bench_counts_one_prefill_per_slide(tmp_path):
 def test_attention_bench_writes_a_table_and_a_plot(tmp_path):
     out = tmp_path / "attention.md"
     args = ["--device", "cpu", "--seq-lens", "128", "256", "--heads", "2", "--head-dim", "16", "--block-size", "16"]
-    result = run("bench/attention.py", *args, "--stride", "32", "--backends", "sdpa", "pieces", "--reps", "1", "--out", str(out))
+    result = run("bench/attention.py", *args, "--stride", "32", "--backends", "sdpa", "cpp", "pieces", "--reps", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    assert "| pieces | strided | 256 |" in text and "| sdpa | causal | 256 |" in text
+    assert "| cpp | strided | 256 |" in text and "| pieces | strided | 256 |" in text and "| sdpa | causal | 256 |" in text
+    assert "avx" in text.splitlines()[0] or "asimd" in text.splitlines()[0]  # the CPU's instruction sets are named
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
@@ -46,9 +48,12 @@ def test_memory_bench_sees_the_reference_grow_quadratically(tmp_path):
     result = run("bench/memory.py", *args, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {(r[0], r[1]): r[2:] for r in table_rows(out.read_text(), "| backend | layout |")}
-    assert set(rows) == {("sdpa", "causal"), ("pieces", "strided"), ("blocks", "strided"), ("reference", "strided")}
+    assert set(rows) == {("sdpa", "causal"), ("cpp", "strided"), ("pieces", "strided"), ("blocks", "strided"), ("reference", "strided")}
     small, large = (float(x) for x in rows["reference", "strided"][:2])
     assert large > 3 * small > 0  # its N x N matrices: 4x the bytes at 2N
+    text = out.read_text()
+    held = {(r[0], r[1]): r[2:] for r in table_rows(text[text.index("caches hold") :], "| backend | layout |")}
+    assert float(held["pieces", "strided"][1]) > float(held["pieces", "strided"][0]) > 0  # its masks, counted
 
 
 def test_peers_bench_trains_both_models_on_the_same_budget(tmp_path):

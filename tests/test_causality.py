@@ -48,7 +48,7 @@ def cases() -> list[tuple[str, str, str, str]]:
     for attention in ATTENTION:
         for architecture in ARCHITECTURES:
             for pattern in PATTERNS if attention != "performer" else ["dense"]:
-                for backend in ["reference", "blocks", "pieces"] if attention in ("sparse", "memory") else ["auto"]:
+                for backend in ["reference", "blocks", "cpp", "pieces"] if attention in ("sparse", "memory") else ["auto"]:
                     out.append((attention, architecture, pattern, backend))
     return out
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from oracle import random_layout, single_block_rows
 
-from sparse_transformer.model.kernels import get_backend
 from sparse_transformer.model.kernels.pieces import _plan, pieces_attention
 from sparse_transformer.model.patterns import AttentionPattern
 
@@ -106,6 +105,3 @@ def test_a_column_chain_reads_its_rows_own_blocks():
     single = sum(w.heads * w.count for w in plan.windows)
     assert single < layout.shape[0] * layout.shape[1] // 2
 
-
-def test_auto_is_pieces_on_the_cpu():
-    assert get_backend("auto", torch.device("cpu")) is pieces_attention

@@ -25,7 +25,7 @@ def tiny(pattern: AttentionPattern, backend: str = "reference", memory: int = 0,
 
 
 @pytest.mark.parametrize("memory", [0, 8])
-@pytest.mark.parametrize("backend", ["reference", "blocks", "pieces"])
+@pytest.mark.parametrize("backend", ["reference", "blocks", "cpp", "pieces"])
 @pytest.mark.parametrize("prompt_len", [1, 8, 11])
 @pytest.mark.parametrize("name", PATTERNS)
 def test_cached_logits_match_full_recompute(name, prompt_len, backend, memory):

@@ -14,24 +14,31 @@ from typing import Literal
 
 import torch
 
+from sparse_transformer.model.kernels import build
+
 AttentionFn = Callable[..., torch.Tensor]
 
 # name -> where its function lives. Imported on first use: Triton reads TRITON_INTERPRET when it is first
 # imported, and a CPU run never needs it.
 BACKENDS: dict[str, str] = {
     "triton": "sparse_transformer.model.kernels.blocksparse:blocksparse_attention",
+    "cpp": "sparse_transformer.model.kernels.cpp:cpp_attention",
     "pieces": "sparse_transformer.model.kernels.pieces:pieces_attention",
     "blocks": "sparse_transformer.model.kernels.blocks:blocks_attention",
     "flex": "sparse_transformer.model.kernels.flex:flex_attention",
     "reference": "sparse_transformer.model.kernels.reference:reference_attention",
 }
-AUTO = {"cuda": "triton", "cpu": "pieces"}  # what ``auto`` picks on a device; ``blocks`` elsewhere (e.g. Apple's MPS)
+AUTO = {"cuda": "triton", "cpu": "cpp"}  # what ``auto`` picks on a device; ``blocks`` elsewhere (e.g. Apple's MPS)
 Backend = Literal[("auto", *BACKENDS)]  # a config's choice, as the CLI lists it
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend ``name`` stands for on ``device``: itself, or ``auto``'s pick."""
-    return AUTO.get(device.type, "blocks") if name == "auto" else name
+    """The backend ``name`` stands for on ``device``: itself, or ``auto``'s pick. On the CPU that is the C++
+    kernel, built on first use; where it cannot be built, ``pieces`` (PyTorch's flash kernel on pieces)."""
+    if name != "auto":
+        return name
+    picked = AUTO.get(device.type, "blocks")
+    return "pieces" if picked == "cpp" and not build.load() else picked
 
 
 # On CUDA the Triton kernel is checked against the reference on its first call for a shape (selfcheck.py): asked

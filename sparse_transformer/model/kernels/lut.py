@@ -1,15 +1,18 @@
 """Lookup tables of a block layout: which key blocks each query block reads, and the transpose.
 
-Built once per layout and cached, so every backend's work follows the number of non-zero tiles.
+Built once per layout and cached (``per_layout``), so every backend's work follows the number of non-zero tiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TypeVar
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
@@ -47,28 +50,103 @@ def _table(layout: torch.Tensor) -> BlockTable:
     return BlockTable(index=index, count=count.contiguous())
 
 
-def per_layout(build: Callable[..., T], size: int = 64) -> Callable[..., T]:
-    """Cache ``build(layout, *args)`` by the identity of the layout's storage (and ``args``).
+class LayoutCache(Generic[T]):
+    """``build(layout, *args)``, cached by the layout's content, so every layer whose layout is the same (a
+    128-layer model alternating two rules has two) shares one entry, built once.
 
-    Each entry holds a reference to its layout, so the memory cannot be reused by another tensor while
-    the entry lives; an in-place edit bumps ``_version`` and misses. A build that raises caches nothing.
+    Finding the content costs a copy to the CPU and a hash, done once per layout tensor: its identity (storage,
+    view, ``_version``, so an in-place edit misses) maps to its digest. That map holds the tensors weakly, so it
+    knows which layouts are alive. An entry stays while a layout with its content is alive, however many there
+    are; of the entries no live layout uses, the ``spare`` most recent stay (a layout rebuilt for each call still
+    hits) and the rest go. So the cache follows the models in the process, never a fixed count that a deep model
+    can outgrow. ``builds`` counts the calls to ``build``; a build that raises caches nothing.
     """
-    cache: OrderedDict[tuple, tuple[torch.Tensor, T]] = OrderedDict()
 
-    @functools.wraps(build)
-    def cached(layout: torch.Tensor, *args) -> T:
-        key = (layout.data_ptr(), layout.shape, layout.stride(), layout.device, layout._version, *args)
-        hit = cache.get(key)
-        if hit is not None:
-            cache.move_to_end(key)
-            return hit[1]
-        value = build(layout, *args)
-        cache[key] = (layout, value)
-        if len(cache) > size:
-            cache.popitem(last=False)
+    def __init__(self, build: Callable[..., T], spare: int = 16):
+        functools.update_wrapper(self, build)
+        self.build, self.spare, self.builds = build, spare, 0
+        self.entries: OrderedDict[tuple, T] = OrderedDict()
+
+    def __call__(self, layout: torch.Tensor, *args) -> T:
+        key = (layout_digest(layout), *args)
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+            return value
+        value = self.build(layout, *args)
+        self.builds += 1
+        self.entries[key] = value
+        if len(self.entries) > self.spare:
+            live = _live_digests()
+            dead = [k for k in self.entries if k[0] not in live]  # oldest first
+            for k in dead[: len(self.entries) - self.spare]:
+                del self.entries[k]
         return value
 
-    return cached
+    def cache_clear(self) -> None:
+        self.entries.clear()
+
+
+def per_layout(build: Callable[..., T]) -> LayoutCache[T]:
+    """Decorate ``build(layout, *args)`` to be built once per layout content (and ``args``): ``LayoutCache``."""
+    cache = LayoutCache(build)
+    _caches.append(cache)
+    return cache
+
+
+_caches: list[LayoutCache] = []
+_digests: OrderedDict[tuple, tuple[weakref.ref, tuple]] = OrderedDict()  # layout identity -> (its base, weakly; digest)
+IDENTITIES = 4096  # identities kept beyond the live ones' (entries are small; dead ones are swept first)
+
+
+def layout_digest(layout: torch.Tensor) -> tuple:
+    """(shape, hash of the values) of a layout, computed once per layout tensor and version."""
+    base = layout if layout._base is None else layout._base
+    identity = (layout.data_ptr(), tuple(layout.shape), layout.stride(), layout.device, layout._version)
+    hit = _digests.get(identity)
+    if hit is not None and hit[0]() is base:
+        _digests.move_to_end(identity)
+        return hit[1]
+    values = layout.detach().cpu().contiguous().numpy().tobytes()
+    digest = (tuple(layout.shape), layout.dtype, hashlib.blake2b(values, digest_size=16).digest())
+    _digests[identity] = (weakref.ref(base), digest)
+    if len(_digests) > IDENTITIES:
+        for k in [k for k, (ref, _) in _digests.items() if ref() is None]:
+            del _digests[k]
+        while len(_digests) > IDENTITIES:
+            _digests.popitem(last=False)
+    return digest
+
+
+def _live_digests() -> set[tuple]:
+    return {digest for ref, digest in _digests.values() if ref() is not None}
+
+
+def clear_caches() -> None:
+    """Empty every per-layout cache (``bench/memory.py`` measures a layout's first call)."""
+    for cache in _caches:
+        cache.cache_clear()
+
+
+def cache_bytes() -> int:
+    """Bytes of the tensors held by every per-layout cache (plans, tables, masks): what they add to memory."""
+    seen: set[int] = set()
+
+    def size(x: object) -> int:
+        if id(x) in seen:
+            return 0
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            return x.untyped_storage().nbytes()
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(size(v) for v in x)
+        if dataclasses.is_dataclass(x):
+            return sum(size(getattr(x, f.name)) for f in dataclasses.fields(x))
+        return 0
+
+    return sum(size(value) for cache in _caches for value in cache.entries.values())
 
 
 @per_layout

@@ -31,9 +31,8 @@ every piece to the oracle.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -86,6 +85,16 @@ class Plan:
     dense: bool  # every causal tile: one causal call over the whole sequence
     windows: tuple[Window, ...]
     gathers: tuple[Gather, ...]
+    masks: dict = field(default_factory=dict, compare=False)  # (visible, block size, dtype, causal) -> mask
+
+    def mask(
+        self, visible: tuple[tuple[bool, ...], ...], block_size: int, dtype: torch.dtype, causal: tuple[bool, ...] | None = None
+    ) -> torch.Tensor:
+        """``_mask``, made once per plan: its masks live as long as the plan's cache entry (``lut.per_layout``)."""
+        key = (visible, block_size, dtype, causal)
+        if key not in self.masks:
+            self.masks[key] = _mask(visible, block_size, dtype, causal)
+        return self.masks[key]
 
 
 @torch.compiler.disable  # under torch.compile, one eager call: Dynamo would trace (and recompile on) its planning
@@ -226,10 +235,10 @@ class _Pieces(torch.autograd.Function):
         R, bs = N // block_size, block_size
         qb, kb, vb = (t.reshape(B, H * R, bs, D).contiguous() for t in (q, k, v))  # (B, H*R, bs, D)
         out = torch.zeros(B, H * R, bs, D, dtype=torch.float32)  # merged in fp32
-        lse = torch.full((B, H * R, bs), float("-inf"))
+        lse = torch.full((B, H * R, bs), float("-inf"), dtype=torch.float32)  # not the default dtype (bf16-true sets it)
         views = _Views(B, H, R, bs)
         for w in plan.windows:
-            mask = _mask(w.visible, bs, q.dtype)
+            mask = plan.mask(w.visible, bs, q.dtype)
             for b in views.batches(w):
                 part, part_lse = _flash(
                     views.rows(qb, w, b), views.keys(kb, w, b), views.keys(vb, w, b), 0.0, False, attn_mask=mask, scale=scale
@@ -244,7 +253,7 @@ class _Pieces(torch.autograd.Function):
                 vb.index_select(1, keys).view(B, P, g.width * bs, D),
                 0.0,
                 False,
-                attn_mask=_gather_mask(g, bs, q.dtype),
+                attn_mask=_gather_mask(plan, g, bs, q.dtype),
                 scale=scale,
             )[:2]
             o, lo = out.index_select(1, rows), lse.index_select(1, rows)
@@ -266,7 +275,7 @@ class _Pieces(torch.autograd.Function):
         dq, dk, dv = (torch.zeros_like(qb) for _ in range(3))
         views = _Views(B, H, R, bs)
         for w in plan.windows:
-            mask = _mask(w.visible, bs, qb.dtype)
+            mask = plan.mask(w.visible, bs, qb.dtype)
             for b in views.batches(w):
                 g_, q_, o_, lse_, dq_ = (views.rows(t, w, b) for t in (gb, qb, out, lse, dq))
                 k_, v_ = views.keys(kb, w, b), views.keys(vb, w, b)
@@ -295,7 +304,7 @@ class _Pieces(torch.autograd.Function):
                 lse.index_select(1, rows).view(B, P, g.rows * bs),
                 0.0,
                 False,
-                attn_mask=_gather_mask(g, bs, qb.dtype),
+                attn_mask=_gather_mask(plan, g, bs, qb.dtype),
                 scale=scale,
             )
             dq.index_add_(1, rows, gq.reshape(B, P * g.rows, bs, D))
@@ -340,14 +349,13 @@ class _Views:
         return t.as_strided(size, stride, t.storage_offset() + first * per_block)
 
 
-def _gather_mask(g: Gather, block_size: int, dtype: torch.dtype) -> torch.Tensor | None:
+def _gather_mask(plan: Plan, g: Gather, block_size: int, dtype: torch.dtype) -> torch.Tensor | None:
     """None where every row of a gathered piece sees every key (no mask is fastest), else its mask."""
     if not any(g.own) and all(all(row) for row in g.visible):
         return None
-    return _mask(g.visible, block_size, dtype, g.own)
+    return plan.mask(g.visible, block_size, dtype, g.own)
 
 
-@functools.lru_cache(maxsize=256)
 def _mask(
     visible: tuple[tuple[bool, ...], ...], block_size: int, dtype: torch.dtype, causal: tuple[bool, ...] | None = None
 ) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""Block-sparse attention on the CPU in C++ (``blocksparse_cpu.cpp``): flash attention over the layout's tiles.
+
+The CPU default. Each query block (or a few consecutive ones, for blocks under 32) is a tile that reads the key
+blocks its row of the layout lists, a chunk of up to 512 keys at a time: scores by BLAS GEMMs (one per run of
+adjacent key blocks), masked only where a query block's own block is causal, and folded into a running softmax
+as flash attention does. Nothing N x N is made and nothing is gathered; memory is q, k, v, the output and its
+log-sum-exp. The backward recomputes the probabilities from the log-sum-exp, one (batch, head) per thread, so a
+head's key gradients have one writer. Work is spread over torch's threads with OpenMP.
+
+It reaches dense SDPA's throughput per tile on the CPU (``bench/results/attention-cpu-sqrt.md``), which the
+``pieces`` backend, made of calls to SDPA's own kernel, did not. Inputs of any floating dtype are computed in
+fp32 (the output and gradients come back in the input's dtype): bf16 autocast pays in the model's linear layers,
+not here. The kernel is compiled on first use (``build.py``); where it cannot be, ``auto`` uses ``pieces``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparse_transformer.model.kernels.build import OPS_NAMESPACE, load
+from sparse_transformer.model.kernels.checks import check_inputs
+from sparse_transformer.model.kernels.lut import per_layout
+
+TILE_QUERIES = 32  # blocks under this are grouped, consecutive ones, into tiles of about this many queries
+MAX_TILE_BLOCKS = 16  # a tile's query blocks are bits of an int32 per key block
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tiles of a layout: tile t holds query blocks ``rows[rows_ptr[t]:rows_ptr[t + 1]]`` (flat ``h * R + r``) and
+    reads key blocks ``keys[keys_ptr[t]:keys_ptr[t + 1]]`` (flat, ascending), the i-th query block those whose
+    ``seen`` has bit i. ``order`` visits them head by head (head h's from ``head_ptr[h]``), and within a head so
+    that successive tiles share key blocks. All int32."""
+
+    rows_ptr: torch.Tensor
+    rows: torch.Tensor
+    keys_ptr: torch.Tensor
+    keys: torch.Tensor
+    seen: torch.Tensor
+    order: torch.Tensor  # the tiles in the order to visit them
+    head_ptr: torch.Tensor
+    dense: bool  # every causal tile: SDPA's causal kernel instead
+
+    def forward_args(self) -> tuple[torch.Tensor, ...]:
+        return self.rows_ptr, self.rows, self.keys_ptr, self.keys, self.seen, self.order
+
+    def backward_args(self) -> tuple[torch.Tensor, ...]:
+        return *self.forward_args(), self.head_ptr
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (building it on the first call)."""
+    return load()
+
+
+def cpp_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``, on the CPU."""
+    check_inputs(q, k, v, layout, block_size)
+    if q.device.type != "cpu":
+        raise ValueError(f"the cpp backend runs on the CPU; q is on {q.device} (use auto, triton or blocks there)")
+    if not load():
+        raise RuntimeError("the cpp backend's kernel could not be built here (see the warning); use pieces")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    tiles = _tiles(layout, block_size)
+    if tiles.dense:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return _Attention.apply(q, k, v, tiles, block_size, scale)
+
+
+@per_layout
+def _tiles(layout: torch.Tensor, block_size: int) -> Tiles:
+    """Consecutive query blocks in tiles of about TILE_QUERIES queries, each reading the union of its rows' keys."""
+    layout = layout.cpu()
+    H, R, _ = layout.shape
+    dense = bool((layout == torch.ones(R, R, dtype=torch.bool).tril()).all())
+    G = max(1, min(MAX_TILE_BLOCKS, TILE_QUERIES // block_size))
+    T = -(-R // G)  # tiles per head
+    size = (R - torch.arange(T) * G).clamp(max=G)  # query blocks of each tile: the last of a head may be short
+    offsets = torch.arange(G).expand(T, G)
+    head_rows = (torch.arange(T)[:, None] * G + offsets)[offsets < size[:, None]]  # a head's tiles' rows, in order
+    keys, key_counts, seen, orders = [], [], [], []
+    for h in range(H):  # one head at a time: (R, R) temporaries, whatever H
+        groups = torch.zeros(T * G, R, dtype=torch.bool)
+        groups[:R] = layout[h]
+        groups = groups.view(T, G, R)
+        union = groups.any(1)  # (T, R): the key blocks a tile reads
+        t, c = union.nonzero(as_tuple=True)  # by tile, then key block ascending
+        keys.append(h * R + c)
+        key_counts.append(union.sum(1))
+        seen.append((groups.int() << torch.arange(G).view(1, G, 1)).sum(1)[t, c])  # which of its rows read each
+        # A head of column rows is visited by residue of the first row modulo its step: strided's rows r, r + s,
+        # r + 2s, ... read nearly the same blocks, which then stay in cache between them (8% faster at N=8192).
+        step = _column_step(layout[h]) or R
+        first = torch.arange(T) * G
+        orders.append(h * T + torch.argsort(first % step * R + first))
+
+    def pointers(counts: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
+
+    return Tiles(
+        rows_ptr=pointers(size.repeat(H)),
+        rows=(torch.arange(H)[:, None] * R + head_rows).flatten().int(),
+        keys_ptr=pointers(torch.cat(key_counts)),
+        keys=torch.cat(keys).int(),
+        seen=torch.cat(seen).int(),
+        order=torch.cat(orders).int(),
+        head_ptr=(torch.arange(H + 1) * T).int(),
+        dense=dense,
+    )
+
+
+def _column_step(layout: torch.Tensor) -> int | None:
+    """For a head whose successive rows share few key blocks but whose rows read blocks at a common step
+    (strided's column rule): that step, the gap most rows leave between the blocks they read; else None."""
+    shared = (layout[1:] & layout[:-1]).sum(1) / layout[1:].sum(1)  # of each row's blocks, those its predecessor reads
+    if len(shared) == 0 or shared.mean() >= 0.5:
+        return None
+    r, c = layout.nonzero(as_tuple=True)  # by row, then column
+    gaps = (c[1:] - c[:-1])[r[1:] == r[:-1]]
+    if len(gaps) == 0:
+        return None
+    values, counts = gaps.unique(return_counts=True)
+    step = int(values[counts.argmax()])
+    return step if step > 1 and 2 * int(counts.max()) >= len(gaps) else None
+
+
+def _ops():
+    return getattr(torch.ops, OPS_NAMESPACE)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, tiles: Tiles, block_size: int, scale: float):
+        B, H, N, D = q.shape
+        qf, kf, vf = (t.reshape(B, H * N, D).float().contiguous() for t in (q, k, v))  # (B, H*N, D) fp32
+        out, lse = _ops().forward(qf, kf, vf, *tiles.forward_args(), block_size, scale)
+        ctx.save_for_backward(qf, kf, vf, out, lse)
+        ctx.tiles, ctx.block_size, ctx.scale, ctx.shape, ctx.dtype = tiles, block_size, scale, q.shape, q.dtype
+        return out.view(B, H, N, D).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qf, kf, vf, out, lse = ctx.saved_tensors
+        B, H, N, D = ctx.shape
+        gf = grad.reshape(B, H * N, D).float().contiguous()
+        grads = _ops().backward(gf, qf, kf, vf, out, lse, *ctx.tiles.backward_args(), ctx.block_size, ctx.scale)
+        return (*(g.view(ctx.shape).to(ctx.dtype) for g in grads), None, None, None)
