@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sparse_transformer.model import AttentionPattern, ModelConfig
+from sparse_transformer.model.attention.sparse import Sparse
 from sparse_transformer.model.kernels import cpp, lut, pieces
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 
@@ -15,7 +16,7 @@ PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="interleave
 def test_a_128_layer_model_builds_each_plan_once(backend, plans, one_thread):
     """128 layers, each with its own layout tensor, two rules between them: two plans, built on the first step;
     the later steps, forward and backward, build none."""
-    module = SparseTransformerLM(ModelConfig(seq_len=32, d_model=16, n_layers=128, n_heads=2, pattern=PATTERN, backend=backend))
+    module = SparseTransformerLM(ModelConfig(seq_len=32, d_model=16, n_layers=128, n_heads=2, pattern=PATTERN, attention=Sparse(backend)))
     batch = torch.randint(0, 256, (2, 33))
     plans.cache_clear()
     before = plans.builds

@@ -99,14 +99,21 @@ class SparseTransformerLM(L.LightningModule):
         self.log(f"test_{self.unit}", self.test_bits, on_epoch=True)
 
     def configure_optimizers(self):
-        optimizer, schedule = self.optimizer_and_schedule(max(int(self.trainer.estimated_stepping_batches), 1))
+        # Lightning's mixed-precision plugins refuse to clip gradients for an optimizer that unscales them itself,
+        # as the fused kernel does (even bf16, which has no scaler): those runs take the per-tensor loop.
+        fused = not str(self.trainer.precision).endswith("-mixed")
+        optimizer, schedule = self.optimizer_and_schedule(max(int(self.trainer.estimated_stepping_batches), 1), fused)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def optimizer_and_schedule(self, total_steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    def optimizer_and_schedule(
+        self, total_steps: int, fused: bool = True
+    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW and its per-step warmup-cosine schedule over ``total_steps``; ``bench/overhead.py``'s plain loop
         steps the same pair by hand."""
         hp = self.hparams
-        return adamw_with_schedule(self.parameters(), hp.lr, hp.betas, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio, total_steps)
+        return adamw_with_schedule(
+            self.parameters(), hp.lr, hp.betas, hp.weight_decay, hp.warmup_steps, hp.min_lr_ratio, total_steps, fused
+        )
 
 
 def adamw_with_schedule(
@@ -117,16 +124,17 @@ def adamw_with_schedule(
     warmup_steps: int,
     min_lr_ratio: float,
     total_steps: int,
+    fused: bool = True,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with weight decay on matrices only (not biases or norms), and its warmup-cosine schedule.
 
-    The fused kernel (one op for every tensor, on CPU and CUDA) where every parameter allows it: on the CPU the
-    per-tensor loop costs a 2M-parameter model a few ms per step.
+    The fused kernel (one op for every tensor, on CPU and CUDA) unless ``fused`` is False or a parameter does not
+    allow it: on the CPU the per-tensor loop costs a 2M-parameter model a few ms per step.
     """
     parameters = list(parameters)
     matrices = [p for p in parameters if p.dim() >= 2]
     others = [p for p in parameters if p.dim() < 2]
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters)
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in parameters)
     optimizer = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}],
         lr=lr,

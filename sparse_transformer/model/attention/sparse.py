@@ -27,7 +27,7 @@ class Sparse(AttentionKind):
 
     Args:
         backend: how the tiles are computed; every backend computes the same function. ``auto``: triton on
-            CUDA, pieces on the CPU, blocks elsewhere.
+            CUDA, cpp on the CPU (pieces where it cannot be built), blocks elsewhere.
         persistent_memory: M learned key/value vectors per head joined to every softmax, in place of the
             feed-forward sublayer (the all-attention layer); a multiple of the pattern's block_size; 0 is off.
     """
