@@ -5,7 +5,7 @@ Shared here, in one place, so configs say only what differs:
 - trainer defaults (gradient clipping at 1.0 as in the paper, atomic checkpoint writes, the run folder); an
   int ``val_check_interval`` counts training steps of the run, across epochs;
 - callbacks on every run: checkpoints, the divergence guard, a clean stop on SIGTERM / SIGINT, tokens/s and
-  MFU, the learning rate, rich progress with metrics;
+  MFU, the learning rate, a progress line and a summary line (``progress.py``);
 - TensorBoard and CSV loggers in the run folder (``--trainer.logger false`` turns them off);
 - ``checkpoint:`` (``CheckpointSchedule``) and ``samples:`` (``SampleLogger``), configurable per config;
 - links from the data to the model: the context and the modality.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,14 +36,22 @@ from sparse_transformer.training.checkpointing import CheckpointSchedule, RunChe
 from sparse_transformer.training.distributed import FailureWatch, port_taken, watch_from_environment
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
-from sparse_transformer.training.progress import RunProgressBar
+from sparse_transformer.terminal import quiet_third_party
+from sparse_transformer.training.progress import RunProgress, RunSummary
 from sparse_transformer.training.run import Run, folder_for
 from sparse_transformer.training.sample_logger import SampleLogger
 from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
+DESCRIPTION = """Train a Sparse Transformer: train.py fit --config configs/quickstart.yaml. Configs compose:
+--config configs/tiny.yaml --config configs/variants/performer.yaml. The run's folder (checkpoints,
+TensorBoard, CSV, samples) is --trainer.default_root_dir, by default runs/<config names>. Every run gets
+the callbacks and loggers of sparse_transformer/training/cli.py besides any a config adds: --print_config
+shows `logger: true` (TensorBoard and CSV in the run folder) and `callbacks: null` (none added)."""
+
 TRAINER_DEFAULTS: dict[str, Any] = {
     "gradient_clip_val": 1.0,  # section 7: every setup clips the gradient norm at 1.0
+    "logger": True,  # TensorBoard and CSV in the run folder, made in instantiate_trainer once the folder is known
     "log_every_n_steps": 10,
     "plugins": [{"class_path": "sparse_transformer.training.checkpoint_io.AtomicCheckpointIO"}],
 }
@@ -87,8 +94,7 @@ class SparseTransformerCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
         torch.set_float32_matmul_precision("high")
-        # Lightning cannot see that our training sampler resumes mid-epoch (data/training_order.py); it does.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        quiet_third_party()
         self.run: Run | None = None
         self.stop_on_signal: StopOnSignal | None = None
         self.watch: FailureWatch | None = None
@@ -98,6 +104,7 @@ class SparseTransformerCLI(LightningCLI):
                 L.LightningDataModule,
                 subclass_mode_data=True,
                 parser_class=OneLineErrorParser,
+                parser_kwargs={"description": DESCRIPTION},
                 trainer_defaults=TRAINER_DEFAULTS,
                 save_config_callback=SaveRunConfig,
                 auto_configure_optimizers=False,  # the LightningModule configures AdamW and its schedule
@@ -107,6 +114,12 @@ class SparseTransformerCLI(LightningCLI):
         except Exception as e:
             self._tell_the_other_ranks(e)
             raise
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (the model has no predict step, so no ``predict``, whose parser took a quarter of
+        every ``--help``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.network.seq_len", apply_on="instantiate")
@@ -145,8 +158,9 @@ class SparseTransformerCLI(LightningCLI):
         callbacks = [checkpoint, DivergenceGuard(), self.stop_on_signal]
         if logging:
             callbacks += [LearningRateMonitor(logging_interval="step"), TokenThroughputMonitor()]
+        callbacks.append(RunSummary(model_line=config.get("enable_model_summary") is not False))
         if config.get("enable_progress_bar") is not False:
-            callbacks.append(RunProgressBar())
+            callbacks.append(RunProgress())
         kwargs["callbacks"] = [*(config.get("callbacks") or []), *callbacks]
         try:
             trainer = super().instantiate_trainer(**kwargs)
