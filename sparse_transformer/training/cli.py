@@ -182,6 +182,7 @@ class SparseTransformerCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.watch is not None:
             self.watch.stop()
+        close_process_group()
         if self.stop_on_signal.stopped is not None:
             raise self.stop_on_signal.stopped
 
@@ -202,6 +203,21 @@ class SparseTransformerCLI(LightningCLI):
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
             return
         raise InputError(watch.report(message)) from error
+
+
+def close_process_group() -> None:
+    """End a multi-process run's process group while the interpreter is whole, every rank together.
+
+    Lightning destroys the group at exit only for NCCL; a gloo group left to the interpreter's shutdown is
+    destroyed with its worker threads still holding tensors, and rank 0 (which also serves the rendezvous store)
+    may be torn down while another rank still talks to it. Either can kill a finished run with a segfault.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    try:
+        torch.distributed.barrier()  # every rank is done with the group before any destroys it
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
