@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -90,9 +91,11 @@ class AudioFolderDataModule(SequenceDataModule):
         if self.root.is_file():
             raise InputError(f"audio folder {self.root} is a file; give the folder that holds the recordings")
         if not self.root.is_dir():
+            seconds = math.ceil(self.seq_len / self.sample_rate) + 1  # a window and some room to draw it from
+            longer = f" --seconds {seconds}" if seconds > 2 else ""
             raise InputError(
-                f"audio folder {self.root} not found; put recordings there (WAV, FLAC, ...), or make a few seconds of "
-                f"tones: python -m sparse_transformer.data.audio tiny {self.root}"
+                f"audio folder {self.root} not found; put recordings there (WAV, FLAC, ...), or make a few of "
+                f"tones: python -m sparse_transformer.data.audio tiny {self.root}{longer}"
             )
         found = sorted(p for p in self.root.rglob("*") if p.is_file())
         unreadable = [p for p in found if p.suffix.lower() in UNREADABLE_SUFFIXES]
