@@ -20,6 +20,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # ours are not train.py's
     cli = train.main(["--config", args.config, "--trainer.logger", "false"], run=False)
     module, data, trainer = cli.model, cli.datamodule, cli.trainer
     logger = next(c for c in trainer.callbacks if type(c).__name__ == "SampleLogger")
