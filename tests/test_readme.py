@@ -104,6 +104,8 @@ def test_train_commands_parse_as_written(command, capsys):
     out, err = capsys.readouterr()
     assert exit.value.code == 0, err
     assert "model:" in out and "trainer:" in out
+    if "--print_config" in args:  # what the README says it shows of the shared setup
+        assert "  logger: true\n" in out and "  callbacks: null\n" in out
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if kind(c) == "sample.py"])
