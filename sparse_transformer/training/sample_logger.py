@@ -32,7 +32,7 @@ class SampleLogger(L.Callback):
     from successive validations differ only because the weights did.
 
     The defaults keep sampling a small part of a run: on the quickstart (600 steps, 3 validations) 2 samples of
-    256 tokens took 2.3-2.7% of the run's time on a busy 2-core CPU (``bench/validation_samples.py``). Decoding
+    256 tokens took 1.4-3.3% of the run's time in three runs on a busy 2-core CPU (``bench/validation_samples.py``). Decoding
     is one token at a time, so the cost grows with the length far more than with the count: a config with a
     long context asks for longer samples explicitly (``samples.length``), or for fewer (``every_n_val``).
 
