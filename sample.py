@@ -14,12 +14,49 @@ from __future__ import annotations
 # ruff: noqa: E402  (threads.configure() runs before the imports that load torch)
 
 import argparse
+import sys
+from pathlib import Path
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, except where there is none to show (its help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("``", ""), formatter_class=HelpWithDefaults)
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw")
+    p.add_argument("--length", type=int, default=None, help="text, audio: tokens per sample, any number (default: one context)")
+    p.add_argument("--seconds", type=float, default=None, help="audio: the sample's length in seconds")
+    p.add_argument("--prompt", default=None, help="text: what to continue (default: a newline)")
+    p.add_argument("--prompt-file", type=Path, default=None, help="text: a UTF-8 file to continue; audio: a recording to continue")
+    p.add_argument("--complete", type=int, default=None, metavar="N", help="images: complete the bottom half of N images")
+    p.add_argument("--complete-from", type=Path, default=None, help="images: an image or a folder of them to complete "
+                   "(default: the checkpoint's validation split)")  # fmt: skip
+    p.add_argument("--data-root", default=None, help="images: where the validation data is, if not where training read it")
+    p.add_argument("--scale", type=int, default=None, help="images: screen pixels per image pixel (default: 256 on the short side)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="draw among the k likeliest tokens (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same samples")
+    p.add_argument("--slide", type=int, default=None, help="tokens the window moves once the context is full (default: a quarter of it)")
+    p.add_argument("--out", default=None, help="output folder (default: text is printed, other media go to samples/)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:<index> (default: cuda if there is one, else cpu)")
+    p.add_argument("--backend", default=None, help="attention backend: auto, triton, pieces, blocks, flex, reference, ... "
+                   "(default: the checkpoint's)")  # fmt: skip
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the window for every token (slow; for checking)")
+    return p
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    parser().parse_args()  # the help, at once: before torch and Lightning load, which takes seconds
+
 import dataclasses
 import importlib
 import os
-import sys
 import time
-from pathlib import Path
 
 from sparse_transformer import threads
 
@@ -27,7 +64,6 @@ threads.configure()  # OpenMP's spin-wait for this machine's load; before torch 
 
 import lightning as L
 import torch
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from sparse_transformer.data.images import ImageBytes, ImageFiles, check_image, find_images
 from sparse_transformer.errors import InputError, plural, run_cli
@@ -35,6 +71,7 @@ from sparse_transformer.files import check_folder, write_atomic
 from sparse_transformer.model import ModelConfig
 from sparse_transformer.model.kernels import BACKENDS
 from sparse_transformer.sampling import Sampling, complete, sample
+from sparse_transformer.terminal import StatusLine, clock, quiet_third_party
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.training import signals
 from sparse_transformer.training.finite import first_non_finite
@@ -124,52 +161,29 @@ def images_from(path: Path, shape: tuple[int, int, int], n: int) -> torch.Tensor
 
 
 class Reporter:
-    """A rich progress bar with tokens/s, shown once generation has taken longer than ``after`` seconds."""
+    """Sampling progress on stderr once generation has taken longer than ``after`` seconds: a line with a bar,
+    tokens/s and the time left on a terminal; plain lines every ``every`` seconds elsewhere (a job's log)."""
 
-    def __init__(self, total: int, after: float = 2.0):
-        self.total, self.after, self.started, self.progress = total, after, time.perf_counter(), None
+    def __init__(self, total: int, after: float = 2.0, every: float = 30.0):
+        self.total, self.after, self.started = total, after, time.perf_counter()
+        self.status = StatusLine(every)
 
     def __call__(self, done: int) -> None:
         elapsed = time.perf_counter() - self.started
-        if self.progress is None and elapsed > self.after and done < self.total:
-            self.progress = Progress(
-                TextColumn("sampling"), BarColumn(), TaskProgressColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=None, transient=True,
-            )  # fmt: skip
-            self.task = self.progress.add_task("sampling", total=self.total, rate="")
-            self.progress.start()
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done, rate=f"{done / elapsed:,.0f} tokens/s")
-            if done >= self.total:
-                self.progress.stop()
+        if elapsed < self.after or not self.status.due():
+            return
+        rate = done / elapsed
+        left = clock((self.total - done) / rate) if rate > 0 else "?"
+        timing = f"{clock(elapsed)}<{left}" if self.status.live else f"{clock(elapsed)} elapsed, {left} left"
+        self.status.update(f"sampling {done:,}/{self.total:,} tokens", f"{rate:,.0f} tok/s  {timing}", done / self.total)
 
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train.py")
-    p.add_argument("--num-samples", type=int, default=1, help="samples to draw")
-    p.add_argument("--length", type=int, default=None, help="text, audio: tokens per sample, any number (default: one context)")
-    p.add_argument("--seconds", type=float, default=None, help="audio: the sample's length in seconds")
-    p.add_argument("--prompt", default=None, help="text: what to continue (default: a newline)")
-    p.add_argument("--prompt-file", type=Path, default=None, help="text: a UTF-8 file to continue; audio: a recording to continue")
-    p.add_argument("--complete", type=int, default=None, metavar="N", help="images: complete the bottom half of N images")
-    p.add_argument("--complete-from", type=Path, default=None, help="images: an image or a folder of them to complete "
-                   "(default: the checkpoint's validation split)")  # fmt: skip
-    p.add_argument("--data-root", default=None, help="images: where the validation data is, if not where training read it")
-    p.add_argument("--scale", type=int, default=None, help="images: screen pixels per image pixel (default: 256 on the short side)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None, help="draw among the k likeliest tokens (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same samples")
-    p.add_argument("--slide", type=int, default=None, help="tokens the window moves once the context is full (default: a quarter of it)")
-    p.add_argument("--out", default=None, help="output folder (default: text is printed, other media go to samples/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=["auto", *BACKENDS], default=None, help="attention backend (default: the checkpoint's)")
-    p.add_argument("--no-kv-cache", action="store_true", help="recompute the window for every token (slow; for checking)")
-    return p
+    def close(self) -> None:
+        self.status.clear()
 
 
 def main(argv: list[str] | None = None) -> list[bytes]:
     args = parser().parse_args(argv)
+    quiet_third_party()
     if args.num_samples < 1:
         raise InputError(f"--num-samples={args.num_samples} must be >= 1")
     if args.length is not None and args.seconds is not None:
@@ -182,8 +196,11 @@ def main(argv: list[str] | None = None) -> list[bytes]:
         raise InputError(f"--complete {args.complete}: give the number of images to complete, at least 1")
     if args.scale is not None and args.scale < 1:
         raise InputError(f"--scale={args.scale} must be >= 1")
+    if args.backend is not None and args.backend not in ("auto", *BACKENDS):
+        raise InputError(f"--backend {args.backend} is not one of auto, {', '.join(BACKENDS)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sampling = Sampling(args.temperature, args.top_k, args.seed, not args.no_kv_cache, args.slide)
-    module = load_model(args.ckpt, args.device, args.backend)
+    module = load_model(args.ckpt, device, args.backend)
     modality, model = module.modality, module.model
     for name in MODALITY_OPTIONS:
         if getattr(args, name) is not None and name not in modality.options:
@@ -206,9 +223,9 @@ def main(argv: list[str] | None = None) -> list[bytes]:
     prompt = modality.prompt(args.prompt, args.prompt_file)
     length = args.length if args.seconds is None else max(1, round(args.seconds * modality.sample_rate))
     length = length or modality.default_length(model.seq_len, len(prompt))
-    reporter = Reporter(args.num_samples * length) if sys.stderr.isatty() else None
-    progress = (lambda done: reporter(done * args.num_samples)) if reporter else None
-    tokens = sample(model, modality, args.num_samples, length, sampling, prompt, progress)
+    reporter = Reporter(args.num_samples * length)
+    tokens = sample(model, modality, args.num_samples, length, sampling, prompt, lambda done: reporter(done * args.num_samples))
+    reporter.close()
     samples = [bytes(row.tolist()) for row in tokens]
     if out is None:
         for i, text in enumerate(samples):

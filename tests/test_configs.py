@@ -14,7 +14,7 @@ from sparse_transformer.model import Block
 from sparse_transformer.training.checkpoint_io import AtomicCheckpointIO
 from sparse_transformer.training.checkpointing import RunCheckpoint
 from sparse_transformer.training.divergence_guard import DivergenceGuard
-from sparse_transformer.training.progress import RunProgressBar
+from sparse_transformer.training.progress import RunProgress, RunSummary
 from sparse_transformer.training.run_folder import AttachLoggers
 from sparse_transformer.training.sample_logger import SampleLogger
 from sparse_transformer.training.signals import StopOnSignal
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 OVERLAYS = sorted((ROOT / "configs" / "variants").glob("*.yaml"))
 SHARED = (
-    DivergenceGuard, StopOnSignal, RunCheckpoint, LearningRateMonitor, TokenThroughputMonitor, RunProgressBar, SampleLogger,
+    DivergenceGuard, StopOnSignal, RunCheckpoint, LearningRateMonitor, TokenThroughputMonitor, RunProgress, RunSummary,
+    SampleLogger,
 )  # fmt: skip
 
 

@@ -1,14 +1,24 @@
-"""LightningDataModules, one per kind of data; configs name them as ``sparse_transformer.data.<Name>``."""
+"""LightningDataModules, one per kind of data; configs name them as ``sparse_transformer.data.<Name>``.
 
-from sparse_transformer.data.audio import AudioFolderDataModule
-from sparse_transformer.data.images import CIFAR10DataModule, ImageFolderDataModule, ImageNet64DataModule
-from sparse_transformer.data.text import ByteTextDataModule, Enwik8DataModule
+Imported on first use, so ``python -m sparse_transformer.data.images`` (and ``.text``, ``.audio``) runs its
+module once, not after this package has imported it.
+"""
 
-__all__ = [
-    "AudioFolderDataModule",
-    "ByteTextDataModule",
-    "CIFAR10DataModule",
-    "Enwik8DataModule",
-    "ImageFolderDataModule",
-    "ImageNet64DataModule",
-]
+from importlib import import_module
+
+_MODULES = {
+    "AudioFolderDataModule": "audio",
+    "ByteTextDataModule": "text",
+    "CIFAR10DataModule": "images",
+    "Enwik8DataModule": "text",
+    "ImageFolderDataModule": "images",
+    "ImageNet64DataModule": "images",
+}
+
+__all__ = list(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_MODULES[name]}"), name)

@@ -8,17 +8,25 @@ mu-law encoded to one byte per step, and held in memory: one byte a step is
 
 from __future__ import annotations
 
+import argparse
+import io
+import math
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
 import torch
 from torch.utils.data import Dataset
 
 from sparse_transformer.audio_codec import AUDIO_SUFFIXES, UNREADABLE_SUFFIXES, read_codes
 from sparse_transformer.data.sequences import SequenceDataModule, files_fingerprint
-from sparse_transformer.errors import InputError, plural
+from sparse_transformer.errors import InputError, plural, run_cli
+from sparse_transformer.files import atomic_file
 from sparse_transformer.modality import START, Audio
+
 
 class AudioWindows(Dataset):
     """Windows of ``seq_len`` codes, ``step`` apart within each clip (never across two clips)."""
@@ -83,7 +91,12 @@ class AudioFolderDataModule(SequenceDataModule):
         if self.root.is_file():
             raise InputError(f"audio folder {self.root} is a file; give the folder that holds the recordings")
         if not self.root.is_dir():
-            raise InputError(f"audio folder {self.root} not found")
+            seconds = math.ceil(self.seq_len / self.sample_rate) + 1  # a window and some room to draw it from
+            longer = f" --seconds {seconds}" if seconds > 2 else ""
+            raise InputError(
+                f"audio folder {self.root} not found; put recordings there (WAV, FLAC, ...), or make a few of "
+                f"tones: python -m sparse_transformer.data.audio tiny {self.root}{longer}"
+            )
         found = sorted(p for p in self.root.rglob("*") if p.is_file())
         unreadable = [p for p in found if p.suffix.lower() in UNREADABLE_SUFFIXES]
         if unreadable:
@@ -118,3 +131,87 @@ class AudioFolderDataModule(SequenceDataModule):
     def fingerprint(self) -> dict[str, Any]:
         """Names, sizes and every byte of the files: setup decodes them whole anyway."""
         return files_fingerprint(self.files, self.root, contents=True)
+
+
+# Tiny audio for the tiny audio config: python -m sparse_transformer.data.audio tiny data/tiny-audio
+
+TINY_SENTENCES = (
+    "The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+    "It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.", "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.", "Four hours of steady work faced us.",
+)  # Harvard sentences (IEEE, 1969)
+TINY_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+f2")
+PENTATONIC = (0, 2, 4, 7, 9)  # semitones above the root: any order of these notes sounds like a tune
+
+
+def tiny_audio(folder: Path, count: int = 8, seconds: float = 2.0, source: str = "auto", seed: int = 0) -> str:
+    """Write ``count`` short mono WAVs to ``folder``, the same files for the same arguments.
+
+    ``tones``: tunes of plucked notes (a pentatonic scale, three harmonics, a decay) over faint noise, drawn
+    from a seeded generator, ``seconds`` long at 8 kHz. ``speech``: sentences espeak-ng speaks in a few voices
+    (22,050 Hz; needs the espeak-ng program). ``auto`` takes speech when espeak-ng is installed. Returns the
+    source used.
+    """
+    if count < 2 or not seconds > 0:
+        raise InputError(f"tiny audio: count={count} must be >= 2 (one is held out) and seconds={seconds} > 0")
+    if source == "auto":
+        source = "speech" if shutil.which("espeak-ng") else "tones"
+    if source == "tones":
+        rng = np.random.default_rng(seed)
+        clips = [(_tune(seconds, 8000, rng), 8000) for _ in range(count)]
+    elif source == "speech":
+        clips = [_speak(TINY_SENTENCES[i % len(TINY_SENTENCES)], TINY_VOICES[i % len(TINY_VOICES)]) for i in range(count)]
+    else:
+        raise InputError(f"tiny audio: source={source!r} must be auto, tones or speech")
+    for i, (waveform, rate) in enumerate(clips):
+        with atomic_file(Path(folder) / f"{source}-{i:02d}.wav") as f:
+            soundfile.write(f, waveform, rate, format="WAV", subtype="PCM_16")
+    return source
+
+
+def _tune(seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
+    """Plucked notes of a pentatonic scale, an eighth to a quarter of a second each, over faint noise."""
+    out = rng.normal(0, 0.01, int(seconds * rate)).astype(np.float32)
+    root, start = rng.uniform(110, 220), 0
+    while start < len(out):
+        length = int(rng.choice([0.125, 0.25]) * rate)
+        t = np.arange(min(length, len(out) - start)) / rate
+        pitch = root * 2 ** ((rng.choice(PENTATONIC) + 12 * rng.integers(0, 2)) / 12)
+        note = sum(np.sin(2 * np.pi * k * pitch * t) / k for k in (1, 2, 3)) * np.exp(-6 * t)
+        out[start : start + len(t)] += 0.3 * note
+        start += length
+    return out.clip(-1, 1)
+
+
+def _speak(text: str, voice: str) -> tuple[np.ndarray, int]:
+    try:
+        spoken = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], check=True, capture_output=True).stdout
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        raise InputError(f"tiny audio from speech needs espeak-ng (apt install espeak-ng), or --source tones: {e}") from e
+    waveform, rate = soundfile.read(io.BytesIO(spoken), dtype="float32")
+    return waveform, rate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sparse_transformer.data.audio", description="Make audio data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tiny = commands.add_parser(
+        "tiny", help="a folder of short WAVs for configs/audio-tiny.yaml",
+        description="Write a few short WAVs, the same files every time, in seconds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    tiny.add_argument("folder", type=Path, help="where the WAVs go (created)")
+    tiny.add_argument("--count", type=int, default=8, help="how many")
+    tiny.add_argument("--seconds", type=float, default=2.0, help="tones: the length of each")
+    tiny.add_argument("--source", choices=("auto", "tones", "speech"), default="auto",
+                      help="tones: tunes of plucked notes; speech: sentences espeak-ng speaks; auto: speech if espeak-ng is installed")  # fmt: skip
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    source = tiny_audio(args.folder, args.count, args.seconds, args.source, args.seed)
+    what = f"tunes of {args.seconds:g} s at 8 kHz" if source == "tones" else "sentences espeak-ng speaks"
+    print(f"wrote {args.count} WAVs to {args.folder}/: {what}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

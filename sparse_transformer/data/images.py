@@ -11,6 +11,7 @@ file, and file names that are not UTF-8 are read and fingerprinted by their byte
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,8 @@ import torch
 from torch.utils.data import Dataset
 
 from sparse_transformer.data.sequences import SequenceDataModule, files_fingerprint
-from sparse_transformer.errors import InputError, plural
+from sparse_transformer.errors import InputError, plural, run_cli
+from sparse_transformer.files import atomic_file
 from sparse_transformer.modality import START, Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -125,7 +127,11 @@ def find_images(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     if folder.is_file():
         raise InputError(f"image folder {folder} is a file; give the folder that holds the images")
     if not folder.is_dir():
-        raise InputError(f"image folder {folder} not found")
+        size = "" if shape[0] == 8 else f" --size {shape[0]}"
+        raise InputError(
+            f"image folder {folder} not found; put images of one size there, or make tiny ones: "
+            f"python -m sparse_transformer.data.images tiny {folder}{size}"
+        )
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -271,3 +277,96 @@ class ImageNet64DataModule(ImageDataModule):
 
     def fingerprint(self) -> dict[str, Any]:
         return files_fingerprint(self.files[0] + self.files[1], self.root)
+
+
+# Tiny images for the tiny image configs: python -m sparse_transformer.data.images tiny data/tiny-images
+
+TINY_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # photographs scikit-image ships (skimage.data)
+
+
+def tiny_images(folder: Path, size: int = 8, count: int = 64, source: str = "auto", seed: int = 0) -> str:
+    """Write ``count`` RGB PNGs of ``size`` x ``size`` pixels to ``folder``, the same files for the same arguments.
+
+    ``photos``: square crops of random size and place from photographs scikit-image ships, shrunk to ``size``
+    (natural textures and edges). ``drawn``: a colour gradient with a disc and a bar, drawn from a seeded
+    generator (no package needed). ``auto`` takes photos when scikit-image is installed. Returns the source used.
+    """
+    if size < 1 or count < 2:
+        raise InputError(f"tiny images: size={size} must be >= 1 and count={count} >= 2 (one is held out)")
+    if source == "auto":
+        source = "photos" if _skimage_data() is not None else "drawn"
+    rng = np.random.default_rng(seed)
+    if source == "photos":
+        skimage_data = _skimage_data()
+        if skimage_data is None:
+            raise InputError("tiny images from photos need scikit-image: pip install scikit-image (or --source drawn)")
+        photos = [getattr(skimage_data, name)() for name in TINY_PHOTOS]
+        images = [_crop(photos[i % len(photos)], size, rng) for i in range(count)]
+    elif source == "drawn":
+        images = [_drawn(size, rng) for _ in range(count)]
+    else:
+        raise InputError(f"tiny images: source={source!r} must be auto, photos or drawn")
+    for i, pixels in enumerate(images):
+        with atomic_file(Path(folder) / f"{source}-{i:04d}.png") as f:
+            PIL.Image.fromarray(pixels).save(f, format="png")
+    return source
+
+
+def _skimage_data() -> Any:
+    try:
+        import skimage.data
+    except ImportError:
+        return None
+    return skimage.data
+
+
+def _crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A square crop (a tenth to half the shorter side) at a random place, shrunk to ``size`` (H, W, 3)."""
+    photo = np.stack([photo] * 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
+    height, width = photo.shape[:2]
+    short = min(height, width)
+    side = int(rng.integers(max(size, short // 10), short // 2 + 1))
+    top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+    crop = PIL.Image.fromarray(photo[top : top + side, left : left + side])
+    return np.asarray(crop.resize((size, size), PIL.Image.Resampling.LANCZOS))
+
+
+def _drawn(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A gradient between two colours in a random direction, a disc and a horizontal or vertical bar (H, W, 3)."""
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)  # (H, W) each, in [0, 1]
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * x + np.sin(angle) * y + 1) / 2  # (H, W)
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    pixels = (1 - t)[..., None] * a + t[..., None] * b  # (H, W, 3)
+    centre, radius = rng.uniform(0.2, 0.8, 2), rng.uniform(0.15, 0.35)
+    pixels[(x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= radius**2] = rng.integers(0, 256, 3)
+    at, width = int(rng.integers(0, size)), max(1, size // 8)
+    bar = (y if rng.random() < 0.5 else x) * (size - 1)
+    pixels[(bar >= at) & (bar < at + width)] = rng.integers(0, 256, 3)
+    return pixels.round().clip(0, 255).astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_transformer.data.images", description="Make image data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    tiny = commands.add_parser(
+        "tiny", help="a folder of tiny PNGs for configs/cifar10-tiny.yaml and imagenet64-tiny.yaml",
+        description="Write tiny PNGs, the same files every time, in seconds.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    tiny.add_argument("folder", type=Path, help="where the PNGs go (created)")
+    tiny.add_argument("--size", type=int, default=8, help="rows and columns")
+    tiny.add_argument("--count", type=int, default=64, help="how many")
+    tiny.add_argument("--source", choices=("auto", "photos", "drawn"), default="auto",
+                      help="photos: crops of scikit-image's photographs; drawn: gradients, discs and bars; auto: photos if scikit-image is installed")  # fmt: skip
+    tiny.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    source = tiny_images(args.folder, args.size, args.count, args.source, args.seed)
+    what = f"crops of {', '.join(TINY_PHOTOS)} (scikit-image)" if source == "photos" else "drawn gradients, discs and bars"
+    print(f"wrote {args.count} PNGs of {args.size}x{args.size} pixels to {args.folder}/: {what}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

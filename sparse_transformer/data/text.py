@@ -174,7 +174,13 @@ def prepare_enwik8(root: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         archive = Path(tmp) / "enwik8.zip"
         print(f"downloading {ENWIK8_URL} ...")
-        urllib.request.urlretrieve(ENWIK8_URL, archive)
+        try:
+            urllib.request.urlretrieve(ENWIK8_URL, archive)
+        except OSError as e:  # no network, a refused or cut connection
+            raise InputError(
+                f"cannot download {ENWIK8_URL} ({getattr(e, 'reason', None) or e}); fetch enwik8.zip elsewhere and "
+                f"unpack its enwik8 into {root}"
+            ) from e
         with zipfile.ZipFile(archive) as z:
             z.extract("enwik8", tmp)
         verify_enwik8(Path(tmp) / "enwik8")
@@ -185,4 +191,6 @@ def prepare_enwik8(root: Path) -> Path:
 if __name__ == "__main__":
     import sys
 
-    print(prepare_enwik8(Path(sys.argv[1] if len(sys.argv) > 1 else "data/enwik8")))
+    from sparse_transformer.errors import run_cli
+
+    run_cli(lambda: print(f"wrote {prepare_enwik8(Path(sys.argv[1] if len(sys.argv) > 1 else 'data/enwik8'))}"))

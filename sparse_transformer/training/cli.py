@@ -5,7 +5,7 @@ Shared here, in one place, so configs say only what differs:
 - trainer defaults (gradient clipping at 1.0 as in the paper, atomic checkpoint writes, the run folder); an
   int ``val_check_interval`` counts training steps of the run, across epochs;
 - callbacks on every run: checkpoints, the divergence guard, a clean stop on SIGTERM / SIGINT, tokens/s and
-  MFU, the learning rate, rich progress with metrics;
+  MFU, the learning rate, a progress line and a summary line (``progress.py``);
 - TensorBoard and CSV loggers in the run folder (``--trainer.logger false`` turns them off);
 - ``checkpoint:`` (``CheckpointSchedule``) and ``samples:`` (``SampleLogger``), configurable per config;
 - links from the data to the model: the context and the modality.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,7 +40,8 @@ from sparse_transformer.training import signals
 from sparse_transformer.training.distributed import FailureWatch, launched_as_rank_zero, port_taken, watch_from_environment
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
-from sparse_transformer.training.progress import RunProgressBar
+from sparse_transformer.terminal import quiet_third_party
+from sparse_transformer.training.progress import RunProgress, RunSummary
 from sparse_transformer.training.run import Run, folder_for
 from sparse_transformer.training.run_folder import AttachLoggers, RunLock
 from sparse_transformer.training.sample_logger import SampleLogger
@@ -49,8 +49,15 @@ from sparse_transformer.training.signals import StopOnSignal
 from sparse_transformer.training.throughput import TokenThroughputMonitor
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}  # else fp32
+DESCRIPTION = """Train a Sparse Transformer: train.py fit --config configs/quickstart.yaml. Configs compose:
+--config configs/tiny.yaml --config configs/variants/performer.yaml. The run's folder (checkpoints,
+TensorBoard, CSV, samples) is --trainer.default_root_dir, by default runs/<config names>. Every run gets
+the callbacks and loggers of sparse_transformer/training/cli.py besides any a config adds: --print_config
+shows `logger: true` (TensorBoard and CSV in the run folder) and `callbacks: null` (none added)."""
+
 TRAINER_DEFAULTS: dict[str, Any] = {
     "gradient_clip_val": 1.0,  # section 7: every setup clips the gradient norm at 1.0
+    "logger": True,  # TensorBoard and CSV in the run folder, made in instantiate_trainer once the folder is known
     "log_every_n_steps": 10,
     "plugins": [{"class_path": "sparse_transformer.training.checkpoint_io.AtomicCheckpointIO"}],
 }
@@ -100,8 +107,7 @@ class SparseTransformerCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
         torch.set_float32_matmul_precision("high")
-        # Lightning cannot see that our training sampler resumes mid-epoch (data/training_order.py); it does.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        quiet_third_party()
         self.run: Run | None = None
         self.lock: RunLock | None = None
         self.stop_on_signal: StopOnSignal | None = None
@@ -113,6 +119,7 @@ class SparseTransformerCLI(LightningCLI):
                 L.LightningDataModule,
                 subclass_mode_data=True,
                 parser_class=OneLineErrorParser,
+                parser_kwargs={"description": DESCRIPTION},
                 trainer_defaults=TRAINER_DEFAULTS,
                 save_config_callback=SaveRunConfig,
                 auto_configure_optimizers=False,  # the LightningModule configures AdamW and its schedule
@@ -126,6 +133,12 @@ class SparseTransformerCLI(LightningCLI):
             if self.lock is not None:
                 self.lock.release()
             signals.restore(previous)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (the model has no predict step, so no ``predict``, whose parser took a quarter of
+        every ``--help``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.seq_len", "model.network.seq_len", apply_on="instantiate")
@@ -170,8 +183,9 @@ class SparseTransformerCLI(LightningCLI):
         callbacks += [checkpoint, DivergenceGuard(checkpoint), self.stop_on_signal]
         if logging:
             callbacks += [LearningRateMonitor(logging_interval="step"), TokenThroughputMonitor()]
+        callbacks.append(RunSummary(model_line=config.get("enable_model_summary") is not False))
         if config.get("enable_progress_bar") is not False:
-            callbacks.append(RunProgressBar())
+            callbacks.append(RunProgress())
         kwargs["callbacks"] = [*(config.get("callbacks") or []), *callbacks]
         try:
             trainer = super().instantiate_trainer(**kwargs)
@@ -218,6 +232,7 @@ class SparseTransformerCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.watch is not None:
             self.watch.stop()
+        close_process_group()
         stopped = self.stop_on_signal.outcome()
         if stopped is not None:
             raise stopped
@@ -239,6 +254,21 @@ class SparseTransformerCLI(LightningCLI):
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
             return
         raise InputError(watch.report(message)) from error
+
+
+def close_process_group() -> None:
+    """End a multi-process run's process group while the interpreter is whole, every rank together.
+
+    Lightning destroys the group at exit only for NCCL; a gloo group left to the interpreter's shutdown is
+    destroyed with its worker threads still holding tensors, and rank 0 (which also serves the rendezvous store)
+    may be torn down while another rank still talks to it. Either can kill a finished run with a segfault.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    try:
+        torch.distributed.barrier()  # every rank is done with the group before any destroys it
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
