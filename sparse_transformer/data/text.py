@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sparse_transformer.data.sequences import SequenceDataModule
-from sparse_transformer.errors import InputError
+from sparse_transformer.errors import InputError, run_cli
 from sparse_transformer.modality import Text
 
 # The Python Language Reference as the interpreter ships it (pydoc_data.topics), 466 KB of English
@@ -189,8 +190,4 @@ def prepare_enwik8(root: Path) -> Path:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from sparse_transformer.errors import run_cli
-
     run_cli(lambda: print(f"wrote {prepare_enwik8(Path(sys.argv[1] if len(sys.argv) > 1 else 'data/enwik8'))}"))
