@@ -68,6 +68,7 @@ import torch
 from sparse_transformer.data.images import ImageBytes, ImageFiles, check_image, find_images
 from sparse_transformer.errors import InputError, plural, run_cli
 from sparse_transformer.files import check_folder, write_atomic
+from sparse_transformer.modality import Modality
 from sparse_transformer.model import ModelConfig
 from sparse_transformer.model.kernels import BACKENDS
 from sparse_transformer.sampling import Sampling, complete, sample
@@ -181,9 +182,8 @@ class Reporter:
         self.status.clear()
 
 
-def main(argv: list[str] | None = None) -> list[bytes]:
-    args = parser().parse_args(argv)
-    quiet_third_party()
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse values no checkpoint could take, in one line, before the checkpoint is read."""
     if args.num_samples < 1:
         raise InputError(f"--num-samples={args.num_samples} must be >= 1")
     if args.length is not None and args.seconds is not None:
@@ -198,14 +198,25 @@ def main(argv: list[str] | None = None) -> list[bytes]:
         raise InputError(f"--scale={args.scale} must be >= 1")
     if args.backend is not None and args.backend not in ("auto", *BACKENDS):
         raise InputError(f"--backend {args.backend} is not one of auto, {', '.join(BACKENDS)}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sampling = Sampling(args.temperature, args.top_k, args.seed, not args.no_kv_cache, args.slide)
-    module = load_model(args.ckpt, device, args.backend)
-    modality, model = module.modality, module.model
+
+
+def check_modality_options(args: argparse.Namespace, modality: Modality) -> None:
+    """Refuse an option the checkpoint's modality does not take (``--complete`` for text), naming those it does."""
     for name in MODALITY_OPTIONS:
         if getattr(args, name) is not None and name not in modality.options:
             taken = " ".join(f"--{o.replace('_', '-')}" for o in modality.options)
             raise InputError(f"--{name.replace('_', '-')} is not an option for a checkpoint of {modality.noun}; it takes {taken}")
+
+
+def main(argv: list[str] | None = None) -> list[bytes]:
+    args = parser().parse_args(argv)
+    quiet_third_party()
+    check_arguments(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sampling = Sampling(args.temperature, args.top_k, args.seed, not args.no_kv_cache, args.slide)
+    module = load_model(args.ckpt, device, args.backend)
+    modality, model = module.modality, module.model
+    check_modality_options(args, modality)
     out = Path(args.out) if args.out else (Path(modality.default_out) if modality.default_out else None)
     if out is not None:  # before any sampling: a folder that cannot be written is found now, not after an hour
         check_folder(out, "--out")
