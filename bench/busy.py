@@ -51,10 +51,12 @@ def worker(args: argparse.Namespace) -> None:
     """Time the steps in this process and print them as JSON (the parent set the environment)."""
     import torch
 
-    from bench.overhead import plain_steps
+    from bench.loop import step_segments
+    from bench.overhead import plain_marks
 
     with tempfile.TemporaryDirectory() as tmp:
-        steps = plain_steps(argparse.Namespace(config=args.config, steps=args.skip + args.steps), Path(tmp))
+        marks = plain_marks(argparse.Namespace(config=args.config, steps=args.skip + args.steps + 1), Path(tmp))
+    steps = [step["total"] for step in step_segments(marks)]
     print(json.dumps({"steps": steps[args.skip :], "threads": torch.get_num_threads()}))
 
 

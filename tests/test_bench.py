@@ -69,3 +69,14 @@ def test_peers_bench_trains_both_models_on_the_same_budget(tmp_path):
         assert float(tokens_per_s.replace(",", "")) > 0 and float(peak) > float(growth) > 0
         assert 0 < float(bits) < 9  # bits per byte of a barely trained model: about 8, never more than 9
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_busy_bench_times_each_setting_idle_and_beside_a_busy_process(tmp_path):
+    out = tmp_path / "busy.md"
+    args = ["--config", "configs/tiny.yaml", "--settings", "default", "spin-1k", "--steps", "2", "--skip", "1", "--rounds", "1"]
+    result = run("bench/busy.py", *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r[0]: r for r in table_rows(out.read_text(), "| setting |")}
+    assert set(rows) == {"default", "spin-1k"}
+    assert rows["spin-1k"][1] == "`GOMP_SPINCOUNT=1000`" and rows["default"][4] == "+0.0%"
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows.values())
