@@ -1,4 +1,4 @@
-"""``model.network.compile``: blocks through torch.compile compute what eager blocks do, on the CPU backend."""
+"""``model.network.compile``: blocks through torch.compile compute what eager blocks do, on the CPU backends."""
 
 import dataclasses
 
@@ -11,9 +11,10 @@ from sparse_transformer.model.patterns import AttentionPattern
 pytestmark = pytest.mark.slow  # a compile takes tens of seconds on 2 cores
 
 
-def test_compiled_blocks_train_like_eager_and_keep_the_checkpoint_keys():
+@pytest.mark.parametrize("backend", ["cpp", "pieces"])
+def test_compiled_blocks_train_like_eager_and_keep_the_checkpoint_keys(backend):
     pattern = AttentionPattern("strided", block_size=16, stride=32, heads="split")
-    config = ModelConfig(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=pattern, attention=Sparse("pieces"))
+    config = ModelConfig(seq_len=64, d_model=32, n_layers=2, n_heads=2, pattern=pattern, attention=Sparse(backend))
     torch.manual_seed(0)
     eager = SparseTransformer(config)
     compiled = SparseTransformer(dataclasses.replace(config, compile=True))

@@ -50,7 +50,7 @@ def build() -> Path:
         raise OSError("no C++ compiler found (set CXX, or install g++)")
     torch_dir = Path(torch.__file__).parent
     command = [
-        compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+        compiler, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
         str(SOURCE), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",

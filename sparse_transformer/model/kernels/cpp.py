@@ -56,6 +56,7 @@ def available() -> bool:
     return load()
 
 
+@torch.compiler.disable  # under torch.compile, one eager call: its op has no fake kernel, and its planning is Python
 def cpp_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
