@@ -2,7 +2,7 @@
 
 Built on first use rather than at install: a build at install would need torch in pip's isolated build
 environment (several GB), and compiling for the machine it runs on lets the compiler use all its vector
-instructions (``-march=native``). One ``c++`` call against the torch headers, about 15 s on 2 cores; the result is
+instructions (``-march=native``). One ``c++`` call against the torch headers, about 10 s on 2 cores; the result is
 kept in ``$SPARSE_TRANSFORMER_CACHE`` (default ``~/.cache/sparse_transformer``) under a name that hashes the
 source, torch's version, the compiler command and the CPU's flags, so a change of any of them builds anew.
 Without a compiler, or where torch lacks what the kernel links to (BLAS's ``sgemm_``), ``load`` says why once and
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -26,7 +25,6 @@ import torch
 
 SOURCE = Path(__file__).with_name("blocksparse_cpu.cpp")
 OPS_NAMESPACE = "sparse_transformer_cpp"
-log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -63,7 +61,8 @@ def build() -> Path:
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    log.info("building the C++ CPU attention kernel into %s (once; about 15 s)", target)
+    # a pause of seconds at a run's start deserves a line; once per machine and torch version
+    print(f"building the C++ CPU attention kernel (once, about 10 s) into {target}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         scratch = Path(tmp) / target.name
         done = subprocess.run([*command, "-o", str(scratch)], capture_output=True, text=True, timeout=600)
