@@ -5,6 +5,14 @@ from collections.abc import Callable
 import torch
 
 from sparse_transformer.model.kernels.reference import reference_attention
+from sparse_transformer.model.patterns import AttentionPattern
+
+# Every sparse pattern in every head mode, at block 8: what each CPU backend is held to the reference on.
+PATTERNS = {
+    f"{kind}-{heads}": AttentionPattern(kind, block_size=8, stride=32, summary=8, heads=heads)
+    for kind in ("strided", "fixed", "local")
+    for heads in ("interleaved", "merged", "split")
+}
 
 
 def random_layout(n_heads: int, n_blocks: int, density: float, seed: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import warnings
 import oracle
 import pytest
 import torch
-from oracle import random_layout, single_block_rows
+from oracle import PATTERNS, random_layout, single_block_rows
 
 from sparse_transformer.model.kernels import build, get_backend
 from sparse_transformer.model.kernels.cpp import _tiles, cpp_attention
@@ -15,11 +15,6 @@ from sparse_transformer.model.kernels.pieces import pieces_attention
 from sparse_transformer.model.patterns import AttentionPattern
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # of the reference's max |value|
-PATTERNS = {
-    f"{kind}-{heads}": AttentionPattern(kind, block_size=8, stride=32, summary=8, heads=heads)
-    for kind in ("strided", "fixed", "local")
-    for heads in ("interleaved", "merged", "split")
-}
 
 
 @pytest.mark.parametrize("layer", [0, 1])

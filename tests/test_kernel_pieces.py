@@ -5,17 +5,12 @@ than the kernel's key split, chains of shared key sets, superrows, batches)."""
 import oracle
 import pytest
 import torch
-from oracle import random_layout, single_block_rows
+from oracle import PATTERNS, random_layout, single_block_rows
 
 from sparse_transformer.model.kernels.pieces import _plan, pieces_attention
 from sparse_transformer.model.patterns import AttentionPattern
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}  # of the reference's max |value|
-PATTERNS = {
-    f"{kind}-{heads}": AttentionPattern(kind, block_size=8, stride=32, summary=8, heads=heads)
-    for kind in ("strided", "fixed", "local")
-    for heads in ("interleaved", "merged", "split")
-}
 
 
 @pytest.mark.parametrize("layer", [0, 1])
