@@ -113,7 +113,7 @@ def main() -> None:
     lines += [
         "",
         "A step: loss, backward, clipping, AdamW and the schedule in the plain loop (bench/loop.py), medians. "
-        "Compiled: each block through torch.compile (Inductor), the attention kernel (pieces) one eager call "
+        "Compiled: each block through torch.compile (Inductor), the attention kernel (auto: cpp on the CPU) one eager call "
         "inside it; embeddings, the head and the loss stay eager. compile s: the compiled model's first step less "
         "an eager step (Dynamo, AOTAutograd and Inductor for the forward and backward graphs).",
     ]
