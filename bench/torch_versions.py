@@ -7,9 +7,9 @@ Each round runs every interpreter once, in turn, on this checkout. A run reports
 
 - whether torchaudio imports beside that torch and its transforms work (``mu_law_encoding``, ``resample``);
 - whether compiled FlexAttention has a backward on the CPU;
-- a quickstart training step (4 layers, d=192, N=256, batch 16, the pieces backend, fused AdamW);
-- forward + backward of ``pieces`` (strided, split heads, l = sqrt(N) in blocks of 64) and of dense causal
-  SDPA (B=1, H=8, D=64, fp32) at each N.
+- a quickstart training step (4 layers, d=192, N=256, batch 16, the ``auto`` backend, fused AdamW);
+- forward + backward of the CPU backends ``cpp`` (built for that torch) and ``pieces`` (strided, split heads,
+  l = sqrt(N) in blocks of 64) and of dense causal SDPA (B=1, H=8, D=64, fp32) at each N.
 
 Medians over the rounds, written with the command to bench/results/torch-versions-cpu.md.
 """
@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ATTENTION = ("sdpa", "cpp", "pieces")  # dense causal SDPA, then the CPU backends
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -35,11 +36,11 @@ def child(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from sparse_transformer.model import ModelConfig, Sparse, SparseTransformer
-    from sparse_transformer.model.kernels.pieces import pieces_attention
+    from sparse_transformer.model.kernels import load_backend, resolve_backend
     from sparse_transformer.model.patterns import AttentionPattern
     from sparse_transformer.training.lightning_module import adamw_with_schedule
 
-    out: dict = {"torch": torch.__version__}
+    out: dict = {"torch": torch.__version__, "auto": resolve_backend("auto", torch.device("cpu"))}
     try:
         import torchaudio
         import torchaudio.functional as AF
@@ -61,7 +62,7 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     pattern = AttentionPattern("strided", block_size=32, stride=64, heads="split")
-    model = SparseTransformer(ModelConfig(d_model=192, n_layers=4, n_heads=6, pattern=pattern, attention=Sparse("pieces"), seq_len=256))
+    model = SparseTransformer(ModelConfig(d_model=192, n_layers=4, n_heads=6, pattern=pattern, attention=Sparse("auto"), seq_len=256))
     optimizer, _ = adamw_with_schedule(model.parameters(), 2e-3, (0.9, 0.95), 0.01, 0, 0.1, 100)
     x = torch.randint(0, 256, (16, 257))
     times = []
@@ -79,8 +80,9 @@ def child(args: argparse.Namespace) -> dict:
         stride = 64 * max(round((n / 64) ** 0.5), 1)
         layout = AttentionPattern("strided", block_size=64, stride=stride, heads="split").layout(8, n)
         qkv = [torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3)]
-        for name, fn, extra in (("sdpa", F.scaled_dot_product_attention, {"is_causal": True}), ("pieces", pieces_attention, {})):
-            args_ = (*qkv, layout, 64) if name == "pieces" else qkv
+        for name in ATTENTION:
+            fn, extra = (F.scaled_dot_product_attention, {"is_causal": True}) if name == "sdpa" else (load_backend(name), {})
+            args_ = qkv if name == "sdpa" else (*qkv, layout, 64)
             runs = []
             for _ in range(args.reps + 1):
                 start = time.perf_counter()
@@ -116,40 +118,43 @@ def main() -> None:
             print(f"round {r}: {py}: {results[py][-1]}", flush=True)
     sys.path.insert(0, str(ROOT))
     from bench.peers import cpu_line
+    from sparse_transformer.files import write_atomic
 
-    timed = ["step_ms", *(f"{b}_{n}_ms" for n in args.seq_lens for b in ("sdpa", "pieces"))]
+    timed = ["step_ms", *(f"{b}_{n}_ms" for n in args.seq_lens for b in ATTENTION)]
     lines = [
         f"# PyTorch versions on {cpu_line()}",
         "",
         f"- command: `{shlex.join(['python', 'bench/torch_versions.py', *sys.argv[1:]])}`",
         f"- date: {started}; float32; load before the runs: {load}; {args.rounds} rounds, each interpreter once per round",
         "",
-        "| torch | torchaudio | FlexAttention CPU backward | quickstart step ms | "
-        + " | ".join(f"sdpa / pieces ms at {n} | pieces x sdpa" for n in args.seq_lens)
+        "| torch | torchaudio | FlexAttention CPU backward | auto | quickstart step ms | "
+        + " | ".join(f"sdpa / cpp / pieces ms at {n} | cpp, pieces x sdpa" for n in args.seq_lens)
         + " |",
-        "|---|---|---|---:|" + "---:|---:|" * len(args.seq_lens),
+        "|---|---|---|---|---:|" + "---:|---:|" * len(args.seq_lens),
     ]
     for runs in results.values():
         med = {k: statistics.median(r[k] for r in runs) for k in timed}
         cells = [
-            f"{med[f'sdpa_{n}_ms']:.0f} / {med[f'pieces_{n}_ms']:.0f} | {med[f'sdpa_{n}_ms'] / med[f'pieces_{n}_ms']:.2f}"
+            " / ".join(f"{med[f'{b}_{n}_ms']:.0f}" for b in ATTENTION)
+            + " | "
+            + ", ".join(f"{med[f'sdpa_{n}_ms'] / med[f'{b}_{n}_ms']:.2f}" for b in ATTENTION[1:])
             for n in args.seq_lens
         ]
         first = runs[0]
         lines.append(
-            f"| {first['torch']} | {first['torchaudio']} | {first['flex_cpu_backward']} | {med['step_ms']:.0f} | "
+            f"| {first['torch']} | {first['torchaudio']} | {first['flex_cpu_backward']} | {first['auto']} | {med['step_ms']:.0f} | "
             + " | ".join(cells)
             + " |"
         )
     lines += [
         "",
         "quickstart step: forward, backward, clipping and fused AdamW of the quickstart model (N=256, batch 16, "
-        "strided split, pieces), the median of the run's steps. sdpa / pieces: forward + backward at B=1, H=8, D=64, "
-        "pieces on strided with split heads at l = sqrt(N) in blocks of 64, the best of the run's calls; pieces x sdpa: "
-        "how many times faster than dense causal SDPA. Medians over rounds.",
+        "strided split, the backend auto picks), the median of the run's steps. sdpa / cpp / pieces: forward + backward "
+        "at B=1, H=8, D=64, the block-sparse backends on strided with split heads at l = sqrt(N) in blocks of 64, the "
+        "best of the run's calls; x sdpa: how many times faster than dense causal SDPA. Medians over rounds.",
     ]
     text = "\n".join(lines) + "\n"
-    args.out.write_text(text)
+    write_atomic(args.out, text)
     print(f"\n{text}\nwritten to {args.out}")
 
 

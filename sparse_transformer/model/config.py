@@ -85,7 +85,8 @@ class ModelConfig:
             trading about a third more compute for memory that no longer grows with depth.
         compile: ``torch.compile`` each block for training and evaluation (Inductor: norms, projections and
             the feed-forward fused; the attention kernel stays one call). Costs a compile at the first step;
-            sampling's incremental decoding runs eagerly.
+            sampling's incremental decoding runs eagerly. On a CPU it does not pay (0.91x eager's speed,
+            ``bench/results/compile-cpu.md``).
         seq_len: the context N; linked from the DataModule's seq_len by ``train.py``.
         vocab_size: 256: the model reads bytes.
     """
