@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model import AttentionPattern, HourglassConfig, ModelConfig, Sparse, SparseTransformer  # noqa: E402
 
@@ -105,11 +105,7 @@ def main() -> None:
     for name, params, fwd, fwd_bwd in rows:
         print(f"{name:45s} {params:>10,d} params  fwd {fwd:8.1f} ms  fwd+bwd {fwd_bwd:8.1f} ms")
 
-    device = (
-        torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    device = device_name(args.device)
     base = rows[0][3]
     lines = [
         f"# Architecture options at equal depth on {device}",

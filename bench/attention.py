@@ -20,7 +20,6 @@ import argparse
 import functools
 import math
 import os
-import platform
 import re
 import shlex
 import sys
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench import plots  # noqa: E402
+from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import get_backend  # noqa: E402
 from sparse_transformer.model.kernels.cpp import available as cpp_available  # noqa: E402
@@ -341,27 +341,6 @@ def flex_notes(args: argparse.Namespace) -> list[str]:
             notes.append(f"flex {kind} N={n}: its {tile}-wide tiles cover {tiles / (args.heads * c * (c + 1) / 2):.3f} "
                          f"of the causal tiles, the layout {density(layout):.3f}")  # fmt: skip
     return notes
-
-
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def cpu_name() -> str:
-    """The CPU's model and the instruction sets the kernels' speed depends on, e.g. ``AMD EPYC (avx2 fma avx512f
-    avx512_vnni avx512_bf16; torch uses AVX512)``: figures compare only within one CPU."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    field = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in lines if ":" in line}
-    model = field.get("model name") or platform.processor() or "CPU"
-    flags = set((field.get("flags") or field.get("Features") or "").split())
-    have = [f for f in CPU_FLAGS if f in flags]
-    return f"{model} ({' '.join(have) or 'no flags read'}; torch uses {torch.backends.cpu.get_cpu_capability()})"
 
 
 def report(args: argparse.Namespace, rows: list[Row], notes: list[str], started: str, load: float) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.machine import cpu_name  # noqa: E402
 from sparse_transformer import threads  # noqa: E402  (imports no torch)
 from sparse_transformer.files import write_atomic  # noqa: E402
 
@@ -108,7 +109,7 @@ def main() -> None:
     median = {key: 1e3 * statistics.median(t) for key, t in times.items()}
     base = median.get(("default", False))
     lines = [
-        f"# A training step beside one busy process on {cpu_description()}",
+        f"# A training step beside one busy process on {cpu_name()}",
         "",
         f"- command: `{shlex.join(['python', *sys.argv])}`",
         f"- date: {started}; load average at the start {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on {CORES} cores"
@@ -134,12 +135,6 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     write_atomic(args.out, text)
     print(f"\n{text}\nwritten to {args.out}")
-
-
-def cpu_description() -> str:
-    from bench.attention import cpu_name
-
-    return cpu_name()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # train.py and the package live at the repository
 
 import train  # noqa: E402
 from bench import plots  # noqa: E402
-from bench.attention import device_name  # noqa: E402
+from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
 

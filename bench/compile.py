@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import train  # noqa: E402
 from bench.loop import forever, plain_loop, step_segments  # noqa: E402
-from bench.peers import CONFIG, cpu_line, sparse_settings  # noqa: E402
+from bench.machine import device_name  # noqa: E402
+from bench.peers import CONFIG, sparse_settings  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 
 
@@ -93,7 +94,7 @@ def main() -> None:
             n, batch = (int(x) for x in case.split(":"))
             rows.append((n, batch, measure(n, batch, args, Path(tmp) / case.replace(":", "-"))))
     lines = [
-        f"# torch.compile of the blocks on {cpu_line()}",
+        f"# torch.compile of the blocks on {device_name('cpu')}",
         "",
         f"- command: `{shlex.join(['python', 'bench/compile.py', *sys.argv[1:]])}`",
         f"- date: {started}; torch {torch.__version__}, lightning {L.__version__}; float32; load before the runs: {load}",

@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench.attention import DTYPES, backends, cases, device_name, inputs, passes  # noqa: E402
+from bench.attention import DTYPES, backends, cases, inputs, passes  # noqa: E402
+from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import lut  # noqa: E402
 

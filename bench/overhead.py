@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import train  # noqa: E402
 from bench.loop import SEGMENTS, StepMarks, forever, plain_loop, step_segments  # noqa: E402
-from bench.peers import build_peer, cpu_line, next_byte_loss  # noqa: E402
+from bench.machine import device_name  # noqa: E402
+from bench.peers import build_peer, next_byte_loss  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 
 LIGHTNING, PLAIN, PEER = "train.py (Lightning)", "plain loop, ours", "plain loop, dense peer"
@@ -127,7 +128,7 @@ def main() -> None:
     plain = med[PLAIN]["total"] if PLAIN in med else float("nan")
     peer = med.get(PEER, {}).get("total")
     lines = [
-        f"# Framework overhead on {cpu_line()}",
+        f"# Framework overhead on {device_name('cpu')}",
         "",
         f"- command: `{shlex.join(['python', *sys.argv])}`",
         f"- date: {started}; torch {torch.__version__}, lightning {L.__version__}; float32; load before the runs: {load}",

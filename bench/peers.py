@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import train  # noqa: E402
 from bench import plots  # noqa: E402
+from bench.machine import device_name  # noqa: E402
 from bench.loop import SEGMENTS, current_rss, forever, held_out_bits, medians, peak_rss, plain_loop, step_segments  # noqa: E402
 from sparse_transformer.data import ByteTextDataModule  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
@@ -79,16 +80,6 @@ def sparse_settings(n: int) -> dict[str, Any]:
         return SPARSE[n]
     block = 16 if n < 256 else 32
     return {"kind": "strided", "block_size": block, "stride": 2 * block, "heads": "split"}
-
-
-def cpu_line() -> str:
-    """The CPU's model name and the instruction sets that matter to these kernels (``lscpu``'s flags)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return f"{fields.get('model name', 'CPU')} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'}), {torch.get_num_threads()} threads"
 
 
 def build_peer(seq_len: int, d_model: int, n_layers: int, n_heads: int, ffn_mult: float) -> torch.nn.Module:
@@ -225,7 +216,7 @@ def density(n: int) -> float:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, started: str, load: str) -> str:
     lines = [
-        f"# Against a dense peer on {cpu_line()}",
+        f"# Against a dense peer on {device_name('cpu')}",
         "",
         f"- command: `{command}`",
         f"- date: {started}; torch {torch.__version__}, lightning {L.__version__}, x-transformers {version('x-transformers')}; "
@@ -268,7 +259,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
         + ", ".join(f"N={n}: {density(n):.3f}" for n in sorted({r["n"] for r in rows})),
     ]
     path = (args.out or ROOT / "bench" / "results" / "peers-cpu.md").with_suffix(".png")
-    lines += ["", plots.peers(summary, path, f"ours vs x-transformers (dense, flash SDPA), {cpu_line()}")]
+    lines += ["", plots.peers(summary, path, f"ours vs x-transformers (dense, flash SDPA), {device_name('cpu')}")]
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import train  # noqa: E402
-from bench.attention import device_name  # noqa: E402
+from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 
 CASES = {

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import shlex
 import subprocess
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
 
@@ -94,11 +94,7 @@ def main() -> None:
         results[case] = json.loads(run.stdout.splitlines()[-1])
         print(f"recompute {case}: {results[case]['memory_mib']:.0f} MiB, {results[case]['step_s']:.2f} s")
     off, on = results["off"], results["on"]
-    device = (
-        torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    )
+    device = device_name(args.device)
     lines = [
         f"# Activation recomputation on {device}",
         "",

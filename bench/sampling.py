@@ -20,7 +20,6 @@ The tables are printed and written as Markdown, with the command, to bench/resul
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
 from sparse_transformer.sampling import Sampling, generate  # noqa: E402
@@ -140,8 +140,7 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, rows: list[tuple], past: list[tuple]) -> None:
-    cpu = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
+    device = device_name(args.device)
     lines = [
         f"# Sampling: key/value cache vs full recompute on {device}",
         "",

@@ -117,12 +117,12 @@ def main() -> None:
             results[py].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {r}: {py}: {results[py][-1]}", flush=True)
     sys.path.insert(0, str(ROOT))
-    from bench.peers import cpu_line
+    from bench.machine import device_name
     from sparse_transformer.files import write_atomic
 
     timed = ["step_ms", *(f"{b}_{n}_ms" for n in args.seq_lens for b in ATTENTION)]
     lines = [
-        f"# PyTorch versions on {cpu_line()}",
+        f"# PyTorch versions on {device_name('cpu')}",
         "",
         f"- command: `{shlex.join(['python', 'bench/torch_versions.py', *sys.argv[1:]])}`",
         f"- date: {started}; float32; load before the runs: {load}; {args.rounds} rounds, each interpreter once per round",

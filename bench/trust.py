@@ -21,9 +21,7 @@ import argparse
 import hashlib
 import io
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.machine import cpu_name  # noqa: E402
 from sparse_transformer.data.text import ByteTextDataModule  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
@@ -109,16 +108,6 @@ def save_rows(folder: Path, name: str, repeats: int) -> list[str]:
         f"| {name} | {params / 1e6:,.1f}M | {size / 2**20:,.0f} | {finite * 1000:,.1f} | {seal * 1000:,.1f} | {save * 1000:,.0f} | "
         f"{(finite + seal) / save:.1%} | {check * 1000:,.0f} | {load * 1000:,.0f} |"
     ]
-
-
-def cpu_name() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("Flags"))
-        return f"{model} ({', '.join(f for f in ('sha_ni', 'avx2', 'avx512f') if f in flags)})"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
