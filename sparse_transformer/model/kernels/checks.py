@@ -41,6 +41,14 @@ def check_layout(layout: torch.Tensor, shape: tuple[int, int, int]) -> None:
 
 
 @per_layout
+def causal_dense(layout: torch.Tensor) -> bool:
+    """Every causal tile set: one causal SDPA call over the whole sequence is the whole work, and a backend
+    need plan nothing. Cached like the content checks."""
+    R = layout.shape[-1]
+    return bool((layout.cpu() == torch.ones(R, R, dtype=torch.bool).tril()).all())
+
+
+@per_layout
 def _check_content(layout: torch.Tensor) -> bool:
     """Causal with every diagonal tile set; cached, so a layout costs one device sync, not one per call."""
     above = layout.triu(1).nonzero()

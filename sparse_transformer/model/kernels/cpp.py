@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_transformer.model.kernels.build import OPS_NAMESPACE, load
-from sparse_transformer.model.kernels.checks import check_inputs
+from sparse_transformer.model.kernels.checks import causal_dense, check_inputs
 from sparse_transformer.model.kernels.lut import per_layout
 
 TILE_QUERIES = 32  # blocks under this are grouped, consecutive ones, into tiles of about this many queries
@@ -42,7 +42,6 @@ class Tiles:
     seen: torch.Tensor
     order: torch.Tensor  # the tiles in the order to visit them
     head_ptr: torch.Tensor
-    dense: bool  # every causal tile: SDPA's causal kernel instead
 
     def forward_args(self) -> tuple[torch.Tensor, ...]:
         return self.rows_ptr, self.rows, self.keys_ptr, self.keys, self.seen, self.order
@@ -67,10 +66,9 @@ def cpp_attention(
     if not load():
         raise RuntimeError("the cpp backend's kernel could not be built here (see the warning); use pieces")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    tiles = _tiles(layout, block_size)
-    if tiles.dense:
+    if causal_dense(layout):  # every causal tile: SDPA's causal kernel, no tiles planned
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return _Attention.apply(q, k, v, tiles, block_size, scale)
+    return _Attention.apply(q, k, v, _tiles(layout, block_size), block_size, scale)
 
 
 @per_layout
@@ -78,7 +76,6 @@ def _tiles(layout: torch.Tensor, block_size: int) -> Tiles:
     """Consecutive query blocks in tiles of about TILE_QUERIES queries, each reading the union of its rows' keys."""
     layout = layout.cpu()
     H, R, _ = layout.shape
-    dense = bool((layout == torch.ones(R, R, dtype=torch.bool).tril()).all())
     G = max(1, min(MAX_TILE_BLOCKS, TILE_QUERIES // block_size))
     T = -(-R // G)  # tiles per head
     size = (R - torch.arange(T) * G).clamp(max=G)  # query blocks of each tile: the last of a head may be short
@@ -111,7 +108,6 @@ def _tiles(layout: torch.Tensor, block_size: int) -> Tiles:
         seen=torch.cat(seen).int(),
         order=torch.cat(orders).int(),
         head_ptr=(torch.arange(H + 1) * T).int(),
-        dense=dense,
     )
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_transformer.model.kernels.checks import check_inputs
+from sparse_transformer.model.kernels.checks import causal_dense, check_inputs
 from sparse_transformer.model.kernels.lut import per_layout
 
 SUPERROW = 2  # rows per window piece: more queries per key for the kernel, little of the union wasted
@@ -82,7 +82,6 @@ class Gather:
 
 @dataclass(frozen=True)
 class Plan:
-    dense: bool  # every causal tile: one causal call over the whole sequence
     windows: tuple[Window, ...]
     gathers: tuple[Gather, ...]
     masks: dict = field(default_factory=dict, compare=False)  # (visible, block size, dtype, causal) -> mask
@@ -104,9 +103,9 @@ def pieces_attention(
     """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``, on the CPU."""
     check_inputs(q, k, v, layout, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    plan = _plan(layout, q.shape[0] * block_size * q.shape[-1] * q.element_size())
-    if plan.dense:
+    if causal_dense(layout):  # every causal tile: one causal call over the whole sequence
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    plan = _plan(layout, q.shape[0] * block_size * q.shape[-1] * q.element_size())
     return _Pieces.apply(q, k, v, plan, block_size, scale)
 
 
@@ -115,8 +114,6 @@ def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
     """The pieces of a layout, built once per layout (and the bytes of a block of a batch's keys)."""
     layout = layout.cpu()
     H, R, _ = layout.shape
-    if bool((layout == torch.ones(R, R, dtype=torch.bool).tril()).all()):
-        return Plan(dense=True, windows=(), gathers=())
     windows: dict[tuple, list[tuple[int, int]]] = {}  # superrow shape -> [(head, first row)]
     gathers: dict[tuple, list[tuple[list[int], list[int]]]] = {}  # (rows, width, visible, own) -> [(queries, keys)]
     for h in range(H):
@@ -139,7 +136,6 @@ def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
             visible = tuple(tuple(starts[r] <= c <= r for c in range(lo, rows[-1] + 1)) for r in rows)
             windows.setdefault((len(rows), lo - rows[0], visible), []).append((h, rows[0]))
     return Plan(
-        dense=False,
         windows=tuple(w for shape, firsts in windows.items() for w in _windows(shape, firsts)),
         gathers=tuple(g for shape, pieces in gathers.items() for g in _batches(shape, pieces, block_bytes)),
     )
