@@ -69,7 +69,13 @@ def check_folder(folder: Path, what: str, room: int = 0, needs: str = "") -> Non
     except OSError as e:
         doing = "written" if existing == folder else f"created in {existing}"
         raise InputError(f"{what} {folder} cannot be {doing}: {_reason(e)}") from e
-    free = shutil.disk_usage(existing).free
+    check_room(folder, what, room, needs, existing)
+
+
+def check_room(folder: Path, what: str, room: int, needs: str = "", existing: Path | None = None) -> None:
+    """Refuse, in one line naming ``folder``, a file system with less than ``room`` bytes free for ``folder``
+    (``existing``: the folder or its nearest existing parent, if it is not there yet)."""
+    free = shutil.disk_usage(existing or folder).free
     if free < room:
         raise InputError(
             f"{what} {folder} has {free / 2**20:,.0f} MiB free, and {needs or 'what it will hold'} needs about "

@@ -38,7 +38,7 @@ class NotFinite(InputError):
 
     def __init__(self, path: Path, name: str, value: float, step: int | None):
         self.path, self.name, self.value, self.step = path, name, value, step
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        kept = _kept(path)
         super().__init__(
             f"not saving {path}: {name} holds {value} at step {step} (the weights diverged; {kept}); "
             "resume from an earlier checkpoint with a lower --model.lr or a more stable precision"
@@ -134,8 +134,13 @@ class NoSpace(InputError):
 
 
 def no_space(path: Path, needed: int, free: int) -> NoSpace:
-    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    kept = _kept(path)
     return NoSpace(
         f"no space left in {path.parent} for {path.name}: it needs {needed:,} bytes and {free:,} are free "
         f"({kept}); free some space and resume from the last checkpoint"
     )
+
+
+def _kept(path: Path) -> str:
+    """What a refused save left of ``path``, for its message."""
+    return f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"

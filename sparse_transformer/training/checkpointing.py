@@ -23,7 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from sparse_transformer.files import TEMPORARY_SUFFIX, check_folder
+from sparse_transformer.files import TEMPORARY_SUFFIX, check_room
 from sparse_transformer.training.checkpoint_io import NoSpace, NotFinite
 from sparse_transformer.training.finite import Diverged
 from sparse_transformer.training.resume import check_resumable, data_record, resume_line, run_identity
@@ -87,10 +87,11 @@ class RunCheckpoint(ModelCheckpoint):
             rank_zero_info(resume_line(self.run.resume_from, saved, self.identity))
 
     def check_room(self, module: L.LightningModule) -> None:
-        """Refuse a run folder without room for one checkpoint of ``module``, before anything is written."""
+        """Refuse a run folder without room for one checkpoint of ``module``, before anything is written (the
+        run lock has checked that the folder is there and writable)."""
         weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
         trained = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-        check_folder(self.run.folder, "run folder", room=weights + 2 * trained, needs="one checkpoint (weights and AdamW state)")
+        check_room(self.run.folder, "run folder", weights + 2 * trained, needs="one checkpoint (weights and AdamW state)")
 
     def describe_good(self) -> str:
         """The checkpoint to go back to, for messages: ``runs/x/checkpoints/last.ckpt (step 40)``, or "none yet"."""
