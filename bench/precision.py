@@ -6,7 +6,7 @@
 bf16 autocast runs the linear layers' matrix products in bf16 (oneDNN), twice the fp32 rate on a CPU with bf16
 units (avx512_bf16, amx_bf16) and emulated, slower, without them; the attention backends compute in fp32 whatever
 their input. So it pays where the linear layers dominate a step: wide models. Each case is built by train.py's
-LightningCLI from a config and overrides; the step is bench/overhead.py's plain loop (the module's loss, AdamW,
+LightningCLI from a config and overrides; the step is bench/loop.py's plain loop (the module's loss, AdamW,
 clipping), under ``torch.autocast("cpu", dtype=torch.bfloat16)`` for bf16-mixed, which is what Lightning's
 bf16-mixed plugin does. Precisions alternate in rounds on one model per case, so a drift in the machine's speed
 falls on both; the table (median ms per step, tokens/s, the speed-up) goes to bench/results/precision-cpu.md.
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import shlex
 import statistics
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import train  # noqa: E402
+from bench.loop import forever, plain_loop  # noqa: E402
 from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 
@@ -50,24 +49,19 @@ def build(case: str, root: Path):
 
 
 def timed_steps(cli, precision: str, steps: int) -> list[float]:
-    """Seconds per training step, ``steps`` of them, of the plain loop in ``precision``."""
+    """Seconds per training step, ``steps`` of them, of ``bench/loop.py``'s plain loop in ``precision`` (data
+    loading excluded: a step's time runs from its batch in hand to the schedule's step)."""
     module, data = cli.model, cli.datamodule
     optimizer, schedule = module.optimizer_and_schedule(10_000)
     module.train()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
-    times = []
-    batches = (batch for _ in itertools.count() for batch in data.train_dataloader())
-    for batch in itertools.islice(batches, steps):
-        start = time.perf_counter()
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = module._loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        times.append(time.perf_counter() - start)
-    return times
+            return module._loss(batch)
+
+    marks = plain_loop(loss, list(module.parameters()), optimizer, schedule, forever(data.train_dataloader), steps)
+    return [step[-1] - step[0] for step in marks[:-1]]  # the last marks only close the final step
 
 
 def main() -> None:
