@@ -21,7 +21,7 @@ from sparse_transformer.modality import Modality
 from sparse_transformer.model import SparseTransformer
 
 
-class NotFinite(InputError):
+class NonFiniteLogits(InputError):
     """The model's outputs are not finite: there is nothing to draw from."""
 
 
@@ -137,7 +137,7 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1).cpu()
     if not torch.isfinite(probs).all():  # checked on the copy the draw needs anyway: no extra device sync
-        raise NotFinite("the model's next-token probabilities are not finite (NaN or inf): its weights or activations overflowed")
+        raise NonFiniteLogits("the model's next-token probabilities are not finite (NaN or inf): its weights or activations overflowed")
     return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
 

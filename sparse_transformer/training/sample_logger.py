@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from sparse_transformer.errors import InputError
 from sparse_transformer.files import write_atomic
-from sparse_transformer.sampling import NotFinite, Sampling, sample
+from sparse_transformer.sampling import NonFiniteLogits, Sampling, sample
 from sparse_transformer.training import signals
 from sparse_transformer.training.finite import first_non_finite
 
@@ -118,7 +118,7 @@ class SampleLogger(L.Callback):
             return None
         try:
             return sample(pl_module.model, pl_module.modality, self.num_samples, length, self.sampling, progress=_stop_on_signal)
-        except NotFinite as e:
+        except NonFiniteLogits as e:
             rank_zero_warn(f"no samples at step {step}: {e}")
         except _Stopped:
             pass
