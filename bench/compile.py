@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import train  # noqa: E402
 from bench.loop import forever, plain_loop, step_segments  # noqa: E402
-from bench.machine import device_name  # noqa: E402
+from bench.machine import device_name, load_average  # noqa: E402
 from bench.peers import CONFIG, sparse_settings  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 
@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="default: bench/results/compile-cpu.md")
     args = p.parse_args()
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    load = load_average()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:

@@ -3,6 +3,7 @@ one CPU (or GPU), so each names its model, the instruction sets the kernels' spe
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -31,3 +32,12 @@ def cpu_name() -> str:
     flags = set((field.get("flags") or field.get("Features") or "").split())
     have = [f for f in CPU_FLAGS if f in flags]
     return f"{model} ({' '.join(have) or 'no flags read'}; torch uses {torch.backends.cpu.get_cpu_capability()})"
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, e.g. ``0.56 0.97 1.22`` (``?`` where the OS has none): on a shared
+    machine, what else ran beside a benchmark."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return "?"

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import train  # noqa: E402
 from bench.loop import SEGMENTS, StepMarks, forever, plain_loop, step_segments  # noqa: E402
-from bench.machine import device_name  # noqa: E402
+from bench.machine import device_name, load_average  # noqa: E402
 from bench.peers import build_peer, next_byte_loss  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="default: bench/results/overhead-<device>.md")
     args = p.parse_args()
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    load = load_average()
     sides = {
         name: run
         for key, name, run in (("plain", PLAIN, plain_marks), ("lightning", LIGHTNING, lightning_marks))

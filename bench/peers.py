@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import train  # noqa: E402
 from bench import plots  # noqa: E402
-from bench.machine import device_name  # noqa: E402
+from bench.machine import device_name, load_average  # noqa: E402
 from bench.loop import SEGMENTS, current_rss, forever, held_out_bits, medians, peak_rss, plain_loop, step_segments  # noqa: E402
 from sparse_transformer.data import ByteTextDataModule  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
@@ -309,7 +309,7 @@ def main() -> None:
             sys.exit(f"error: {steps} steps at N={n} must exceed --skip {args.skip} + 1")
         cases.append((n, batch, steps))
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    load = load_average()
     sides = ["peer", "ours", *(["dense"] if args.dense else [])]
     rows = []
     for n, batch, steps in cases:
@@ -322,7 +322,7 @@ def main() -> None:
                     f"({row['growth_mib']:.0f} above imports), {row['bits']:.3f} bits/byte, {row['wall_s']:.0f} s",
                     flush=True,
                 )
-        text = report(rows, args, shlex.join(["python", "bench/peers.py", *sys.argv[1:]]), started, " ".join(load))
+        text = report(rows, args, shlex.join(["python", "bench/peers.py", *sys.argv[1:]]), started, load)
         out = args.out or ROOT / "bench" / "results" / "peers-cpu.md"
         write_atomic(out, text)  # after every N, so a long run's finished contexts are kept
     print(f"\n{text}\nwritten to {out}")

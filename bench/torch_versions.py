@@ -105,8 +105,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    sys.path.insert(0, str(ROOT))
+    from bench.machine import device_name, load_average
+    from sparse_transformer.files import write_atomic
+
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    load = load_average()
     flags = ["--seq-lens", *map(str, args.seq_lens), "--steps", str(args.steps), "--reps", str(args.reps), "--child"]
     results: dict[str, list[dict]] = {py: [] for py in args.pythons}
     for r in range(args.rounds):
@@ -116,9 +120,6 @@ def main() -> None:
                 sys.exit(f"error: {py} failed:\n{done.stderr[-2000:]}")
             results[py].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {r}: {py}: {results[py][-1]}", flush=True)
-    sys.path.insert(0, str(ROOT))
-    from bench.machine import device_name
-    from sparse_transformer.files import write_atomic
 
     timed = ["step_ms", *(f"{b}_{n}_ms" for n in args.seq_lens for b in ATTENTION)]
     lines = [
