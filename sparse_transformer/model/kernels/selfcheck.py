@@ -42,7 +42,7 @@ def try_backend(
 ) -> str | None:
     """What goes wrong when ``attend`` runs forward (inside ``context()``: a precision's autocast or default dtype)
     and backward on a tiny case (on ``layout``, a small one of the run's pattern, if given); None if nothing does."""
-    q, k, v, layout = _case(device, dtype, head_dim, block_size, requires_grad=True, layout=layout)
+    q, k, v, layout = _case(device, dtype, head_dim, block_size, layout)
     try:
         with context():
             out = attend(q, k, v, layout, block_size)
@@ -56,7 +56,7 @@ def disagreement(attend: Callable[..., torch.Tensor], device: torch.device, dtyp
     """How ``attend``'s output and gradients differ from the fp32 reference's on a tiny case, beyond
     ``TOLERANCE``, or what it raised; None if they agree."""
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        q, k, v, layout = _case(device, dtype, head_dim, block_size, requires_grad=True)
+        q, k, v, layout = _case(device, dtype, head_dim, block_size)
         grad = torch.randn(q.shape, generator=torch.Generator(device).manual_seed(1), device=device).to(dtype)
         try:
             out = attend(q, k, v, layout, block_size)
@@ -75,7 +75,7 @@ def disagreement(attend: Callable[..., torch.Tensor], device: torch.device, dtyp
 
 def verdict(q: torch.Tensor, block_size: int) -> str | None:
     """The Triton kernel's self-check for q's shape class, run on the first call and kept."""
-    key = (q.device, q.dtype, q.shape[-1], block_size)
+    key = _shape_class(q, block_size)
     if key not in _verdicts:
         _verdicts[key] = disagreement(load_backend("triton"), q.device, q.dtype, q.shape[-1], block_size)
     return _verdicts[key]
@@ -94,15 +94,15 @@ def triton_or_flex(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
     problem = verdict(q, block_size)
     if problem is None:
         return load_backend("triton")(q, k, v, layout, block_size, scale)
-    if (key := (q.device, q.dtype, q.shape[-1], block_size)) not in _fell_back:
+    if (key := _shape_class(q, block_size)) not in _fell_back:
         _fell_back.add(key)
         print(f"warning: the triton backend failed its check on {_where(q, block_size)}: {problem}; using flex instead",
               file=sys.stderr)  # fmt: skip
     return load_backend("flex")(q, k, v, layout, block_size, scale)
 
 
-def _case(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int, requires_grad: bool, layout=None):
-    """q, k, v ``[1, H, N, head_dim]`` for ``layout`` ``[H, N / block_size, N / block_size]``; by default 2 heads of
+def _case(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int, layout=None):
+    """q, k, v ``[1, H, N, head_dim]``, requiring gradients, for ``layout`` ``[H, N / block_size, N / block_size]``; by default 2 heads of
     4 blocks, one with a sparse row."""
     if layout is None:
         layout = torch.ones(2, 4, 4, dtype=torch.bool).tril()
@@ -110,8 +110,13 @@ def _case(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: i
     layout = layout.to(device)
     g = torch.Generator(device).manual_seed(0)
     shape = (1, layout.shape[0], layout.shape[1] * block_size, head_dim)
-    q, k, v = (torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_(requires_grad) for _ in range(3))
+    q, k, v = (torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_() for _ in range(3))
     return q, k, v, layout
+
+
+def _shape_class(q: torch.Tensor, block_size: int) -> tuple:
+    """What the kernel's correctness may depend on: device, dtype, head dim, block size."""
+    return q.device, q.dtype, q.shape[-1], block_size
 
 
 def _where(q: torch.Tensor, block_size: int) -> str:
