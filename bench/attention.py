@@ -39,7 +39,8 @@ from bench.machine import device_name  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import get_backend  # noqa: E402
 from sparse_transformer.model.kernels.cpp import available as cpp_available  # noqa: E402
-from sparse_transformer.model.patterns import AttentionPattern, density  # noqa: E402
+from sparse_transformer.model.layout import BlockLayout  # noqa: E402
+from sparse_transformer.model.patterns import AttentionPattern  # noqa: E402
 
 BACKENDS = ("sdpa", "flex", "triton", "cpp", "pieces", "blocks", "reference")  # run in this order: the baselines first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -112,7 +113,7 @@ def pattern(kind: str, n: int, args: argparse.Namespace, heads: str = "merged") 
     return AttentionPattern(kind, block_size=bs, stride=l, summary=min(args.summary, l), heads=heads)
 
 
-def layouts(n: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def layouts(n: int, args: argparse.Namespace) -> dict[str, BlockLayout]:
     """The layouts to run at length n, by name: ``strided``, ``strided-split``, ``strided-interleaved-L1``, ..."""
     out = {}
     for kind in args.layouts:
@@ -129,7 +130,7 @@ def layouts(n: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def cases(n: int, attends: dict[str, Callable], args: argparse.Namespace) -> Iterator[tuple[str, Callable, str, torch.Tensor]]:
-    """(backend, its function, layout name, layout on the device) for every row at length n: sdpa on the causal
+    """(backend, its function, layout name, layout) for every row at length n: sdpa on the causal
     layout, the O(N^2) reference only up to --reference-max-n, every other backend on every layout."""
     causal = {"causal": AttentionPattern("dense", block_size=args.block_size).layout(args.heads, n)}
     sparse = layouts(n, args)
@@ -137,7 +138,7 @@ def cases(n: int, attends: dict[str, Callable], args: argparse.Namespace) -> Ite
         if name == "reference" and n > args.reference_max_n:
             continue
         for kind, layout in (causal if name == "sdpa" else sparse).items():
-            yield name, attend, kind, layout.to(args.device)
+            yield name, attend, kind, layout
 
 
 def sdpa(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
@@ -214,7 +215,7 @@ def inputs(n: int, args: argparse.Namespace) -> Inputs:
     return q, k, v, torch.randn(shape, device=args.device, dtype=args.dtype)
 
 
-def passes(attend: Callable, layout: torch.Tensor, x: Inputs, args: argparse.Namespace) -> tuple[Callable, Callable]:
+def passes(attend: Callable, layout: BlockLayout, x: Inputs, args: argparse.Namespace) -> tuple[Callable, Callable]:
     """The forward (under no_grad) and the forward + backward of one row, as calls to time."""
     q, k, v, dout = x
 
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Row]:
     for n in args.seq_lens:
         x, timed = inputs(n, args), []
         for name, attend, kind, layout in cases(n, attends, args):
-            flops = 4.0 * args.batch * layout.sum().item() * args.block_size**2 * args.head_dim
+            flops = 4.0 * args.batch * layout.nnz * args.block_size**2 * args.head_dim
             times = ("OOM",) * 3
             calls = passes(attend, layout, x, args)
             if (name, kind) not in out_of_memory:
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace, notes: list[str]) -> list[Row]:
                     times = ("error",) * 3
             if times[1] == "OOM":
                 out_of_memory.add((name, kind))
-            rows.append(Row(name, kind, n, density(layout), flops, *times))
+            rows.append(Row(name, kind, n, layout.density(), flops, *times))
             timed.append((rows[-1], calls))
             print(markdown_row(rows[-1], rows), flush=True)
         for _ in range(args.passes - 1 if args.device.type == "cpu" else 0):
@@ -339,7 +340,7 @@ def flex_notes(args: argparse.Namespace) -> list[str]:
             tiles = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item()
             c = n // tile
             notes.append(f"flex {kind} N={n}: its {tile}-wide tiles cover {tiles / (args.heads * c * (c + 1) / 2):.3f} "
-                         f"of the causal tiles, the layout {density(layout):.3f}")  # fmt: skip
+                         f"of the causal tiles, the layout {layout.density():.3f}")  # fmt: skip
     return notes
 
 

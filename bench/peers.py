@@ -208,10 +208,7 @@ def density(n: int) -> float:
     """Share of the causal tiles (whole diagonal tiles counted) that :data:`SPARSE`'s pattern computes at ``n``."""
     from sparse_transformer.model.patterns import AttentionPattern
 
-    s = sparse_settings(n)
-    layout = AttentionPattern(**s).layout(SIZE["n_heads"], n, 0)
-    nb = layout.shape[-1]
-    return float(layout.sum()) / (layout.shape[0] * nb * (nb + 1) / 2)
+    return AttentionPattern(**sparse_settings(n)).layout(SIZE["n_heads"], n, 0).density()
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, started: str, load: str) -> str:

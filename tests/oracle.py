@@ -5,6 +5,7 @@ from collections.abc import Callable
 import torch
 
 from sparse_transformer.model.kernels.reference import reference_attention
+from sparse_transformer.model.layout import BlockLayout
 from sparse_transformer.model.patterns import AttentionPattern
 
 # Every sparse pattern in every head mode, at block 8: what each CPU backend is held to the reference on.
@@ -15,24 +16,24 @@ PATTERNS = {
 }
 
 
-def random_layout(n_heads: int, n_blocks: int, density: float, seed: int) -> torch.Tensor:
+def random_layout(n_heads: int, n_blocks: int, density: float, seed: int) -> BlockLayout:
     """A causal layout with the diagonal set and a random choice of the tiles below it."""
     g = torch.Generator().manual_seed(seed)
     layout = (torch.rand(n_heads, n_blocks, n_blocks, generator=g) < density).tril()
-    return layout | torch.eye(n_blocks, dtype=torch.bool)
+    return BlockLayout.from_dense(layout | torch.eye(n_blocks, dtype=torch.bool))
 
 
-def single_block_rows(n_heads: int, n_blocks: int) -> torch.Tensor:
+def single_block_rows(n_heads: int, n_blocks: int) -> BlockLayout:
     """Head 0 dense but for row 2, which only has its diagonal; every other head only the diagonal."""
     layout = torch.eye(n_blocks, dtype=torch.bool).repeat(n_heads, 1, 1)
     layout[0] = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()
     layout[0, 2, :2] = False
-    return layout
+    return BlockLayout.from_dense(layout)
 
 
 def check_against_reference(
     attend: Callable[..., torch.Tensor],
-    layout: torch.Tensor,
+    layout: BlockLayout | torch.Tensor,
     block_size: int,
     dtype: torch.dtype,
     tolerance: float,
@@ -62,7 +63,7 @@ def check_against_reference(
 
 
 def check_non_contiguous(
-    attend: Callable[..., torch.Tensor], layout: torch.Tensor, block_size: int, tolerance: float, device: str = "cpu"
+    attend: Callable[..., torch.Tensor], layout: BlockLayout | torch.Tensor, block_size: int, tolerance: float, device: str = "cpu"
 ) -> None:
     """Heads split out of a fused qkv, a transposed last dim and a transposed upstream grad, against the oracle."""
     B, D = 2, 16

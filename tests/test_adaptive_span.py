@@ -10,7 +10,8 @@ from sparse_transformer.errors import InputError
 from sparse_transformer.model import AdaptiveSpan, ModelConfig, Sparse, SparseTransformer
 from sparse_transformer.model.attention.adaptive_span import AdaptiveSpanAttention, ramp_mask
 from sparse_transformer.model.attention.sparse import SparseAttention
-from sparse_transformer.model.patterns import AttentionPattern, element_mask
+from sparse_transformer.model.layout import element_mask
+from sparse_transformer.model.patterns import AttentionPattern
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 
 STRIDED = AttentionPattern("strided", block_size=4, stride=8, heads="split")

@@ -12,11 +12,10 @@ from sparse_transformer.errors import InputError
 from sparse_transformer.model import AttentionPattern, Block, HourglassConfig, ModelConfig, Sparse, SparseTransformer
 from sparse_transformer.model.attention.persistent_memory import PersistentMemory, memory_layout
 from sparse_transformer.model.kernels import get_backend
-from sparse_transformer.model.kernels.checks import check_layout
-from sparse_transformer.model.patterns import element_mask
+from sparse_transformer.model.layout import element_mask
 
 
-def memory_of(pattern: AttentionPattern, heads: int, head_dim: int, size: int, layout: torch.Tensor) -> PersistentMemory:
+def memory_of(pattern: AttentionPattern, heads: int, head_dim: int, size: int, layout) -> PersistentMemory:
     config = ModelConfig(d_model=heads * head_dim, n_heads=heads, pattern=pattern, attention=Sparse(persistent_memory=size))
     return PersistentMemory(config, layout)
 
@@ -39,11 +38,12 @@ def dense_with_memory(q, k, v, mem_k, mem_v, mask):
 
 def test_memory_layout_is_a_valid_causal_layout_with_the_old_one_in_the_corner():
     layout = AttentionPattern("strided", block_size=4, stride=8, heads="split").layout(2, 32)
-    ext = memory_layout(layout, 2)
+    ext = memory_layout(layout, 2)  # a BlockLayout: causal, every diagonal tile set, checked as it is made
     assert ext.shape == (2, 10, 10)
-    check_layout(ext, (2, 10, 10))  # causal, every diagonal tile set: every backend accepts it
-    assert torch.equal(ext[:, 2:, 2:], layout)
-    assert ext[:, 2:, :2].all() and not ext[:, :2, 2:].any()
+    grid = ext.to_dense()
+    assert torch.equal(grid[:, 2:, 2:], layout.to_dense())
+    assert grid[:, 2:, :2].all() and not grid[:, :2, 2:].any()
+    assert torch.equal(grid[:, :2, :2], torch.ones(2, 2, 2, dtype=torch.bool).tril())
 
 
 CASES = [(p, backend, 32) for p in PATTERNS for backend in ("reference", "blocks", "cpp", "pieces")]
@@ -62,7 +62,7 @@ def test_memory_joins_the_same_softmax_as_the_context(pattern, backend, n):
     memory = memory_of(pattern, H, D, M, layout)
     q, k, v = (torch.randn(2, H, n, D, requires_grad=True) for _ in range(3))
     out = memory.attend(get_backend(backend, q.device), q, k, v)
-    mask = element_mask(layout[:, : n // pattern.block_size, : n // pattern.block_size], pattern.block_size)
+    mask = element_mask(layout.crop(n // pattern.block_size), pattern.block_size)
     expected = dense_with_memory(q, k, v, memory.keys * math.sqrt(D), memory.values * math.sqrt(M), mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # Gradients too, memory included: the zero query rows and their dropped outputs leak nothing back.

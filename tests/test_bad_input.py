@@ -268,15 +268,9 @@ def test_a_precision_the_backend_cannot_train_in_is_refused(capsys, tmp_path, mo
     )
 
 
-def test_a_context_longer_than_the_data_or_the_memory_is_refused_before_building_layouts(capsys, tmp_path, monkeypatch):
+def test_a_context_longer_than_the_data_is_refused_before_building_the_model(capsys, tmp_path):
     run = ["--trainer.default_root_dir", str(tmp_path / "run")]
     assert fails(capsys, "--data.seq_len", "1048576", *run).startswith("error: train split of ")
-    (tmp_path / "data.bin").write_bytes(bytes(range(256)) * 8192)  # 2 MiB: every split holds a window of 65,536
-    monkeypatch.setattr("sparse_transformer.model.patterns._available_memory", lambda: 2**30)
-    assert fails(capsys, "--data.path", str(tmp_path / "data.bin"), "--data.seq_len", "65536", *run) == (
-        "error: the attention layouts of seq_len=65536 in blocks of 8 (8,192 x 8,192 tiles a head, 2 layers) need about "
-        "1.9 GiB to build, more than the 1.0 GiB of memory available; use a larger pattern block_size or a shorter seq_len"
-    )
 
 
 def test_float_audio_with_a_nan_sample_is_refused_naming_the_frame(capsys, tmp_path):

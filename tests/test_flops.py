@@ -57,7 +57,7 @@ def tile_attention(q, k, v, layout, block_size, scale=None):
     pos = torch.arange(N)
     for h in range(H):
         for r in range(N // block_size):
-            cols = layout[h, r].nonzero().flatten()
+            cols = layout.row(h, r).long()
             keys = torch.cat([pos[c * block_size : (c + 1) * block_size] for c in cols])  # (w * bs,)
             rows = pos[r * block_size : (r + 1) * block_size]
             scores = q[:, h, rows] @ k[:, h, keys].transpose(-1, -2) * scale  # (B, bs, w * bs)

@@ -73,8 +73,8 @@ def test_levels_get_layouts_for_their_own_padded_length_and_global_layer_indices
     assert [len(hg.pre), len(hg.inner.pre), len(hg.post)] == [2, 4, 2]
     assert shortened_len(64, 3, 8) == 24  # ceil(64 / 3) = 22, padded to whole blocks of 8
     for i, block in enumerate(hg.inner.pre):
-        assert torch.equal(block.attn.layout, PATTERN.layout(2, 24, 2 + i))  # layers 2..5, alternating rules
-    assert torch.equal(hg.post[1].attn.layout, PATTERN.layout(2, 64, 7))
+        assert block.attn.layout is PATTERN.layout(2, 24, 2 + i)  # layers 2..5, alternating rules
+    assert hg.post[1].attn.layout is PATTERN.layout(2, 64, 7)
 
 
 def test_shortening_shifts_right_by_k_minus_1_then_pools():

@@ -69,7 +69,7 @@ def test_a_tile_groups_small_blocks_and_reads_the_union_of_their_keys():
         for key, bits in zip(*(x[tiles.keys_ptr[t] : tiles.keys_ptr[t + 1]].tolist() for x in (tiles.keys, tiles.seen))):
             for i, row in enumerate(rows):
                 covered[row, key] += (bits >> i) & 1
-    want = torch.block_diag(*layout.int())
+    want = torch.block_diag(*layout.to_dense().int())
     assert torch.equal(covered, want)
     assert tiles.head_ptr.tolist() == [0, R // 4, 2 * R // 4]
     assert torch.equal(tiles.order.sort().values, torch.arange(len(tiles.order), dtype=torch.int32))

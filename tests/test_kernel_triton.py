@@ -134,7 +134,7 @@ def test_registered_as_custom_operators_with_autograd() -> None:
     """torch.compile keeps a torch.library operator whole; its schema and autograd are what the library checks.
     (The fake-tensor check traces the kernels, which the interpreter cannot: on CUDA, test_compiled_model.)"""
     layout = LAYOUTS["strided_split"]()
-    tables = blocksparse.layout_tables(layout)
+    tables = blocksparse.layout_tables(layout, torch.device(DEVICE))
     q, k, v = (torch.randn(1, 2, 64, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     args = (q, k, v, tables.rows.index, tables.rows.count, tables.cols.index, tables.cols.count, 16, 0.25)
     assert torch.ops.sparse_transformer.blocksparse_forward.default is not None
@@ -147,15 +147,15 @@ def test_compiled_model_keeps_the_kernel_whole() -> None:
     loss and gradients as eager."""
     import dataclasses
 
-    from sparse_transformer.model import ModelConfig, SparseTransformer
+    from sparse_transformer.model import ModelConfig, Sparse, SparseTransformer
 
-    tables = blocksparse.layout_tables(LAYOUTS["fixed_split"]().to(DEVICE))
+    tables = blocksparse.layout_tables(LAYOUTS["fixed_split"](), torch.device(DEVICE))
     q, k, v = (torch.randn(1, 2, 64, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     args = (q, k, v, tables.rows.index, tables.rows.count, tables.cols.index, tables.cols.count, 16, 0.25)
     torch.library.opcheck(blocksparse._forward, args)
 
     pattern = AttentionPattern("fixed", block_size=64, stride=256, summary=64, heads="split")
-    config = ModelConfig(d_model=128, n_layers=2, n_heads=2, pattern=pattern, backend="triton", seq_len=1024)
+    config = ModelConfig(d_model=128, n_layers=2, n_heads=2, pattern=pattern, attention=Sparse("triton"), seq_len=1024)
     torch.manual_seed(0)
     eager = SparseTransformer(config).to(DEVICE)
     compiled = SparseTransformer(dataclasses.replace(config, compile=True)).to(DEVICE)

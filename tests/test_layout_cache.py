@@ -7,6 +7,7 @@ import torch
 from sparse_transformer.model import AttentionPattern, ModelConfig
 from sparse_transformer.model.attention.sparse import Sparse
 from sparse_transformer.model.kernels import cpp, lut, pieces
+from sparse_transformer.model.layout import BlockLayout
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 
 PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="interleaved")
@@ -14,8 +15,8 @@ PATTERN = AttentionPattern("strided", block_size=8, stride=16, heads="interleave
 
 @pytest.mark.parametrize("backend, plans", [("cpp", cpp._tiles), ("pieces", pieces._plan)])
 def test_a_128_layer_model_builds_each_plan_once(backend, plans, one_thread):
-    """128 layers, each with its own layout tensor, two rules between them: two plans, built on the first step;
-    the later steps, forward and backward, build none."""
+    """128 layers, two rules between them: two plans, built on the first step; the later steps, forward and
+    backward, build none."""
     module = SparseTransformerLM(ModelConfig(seq_len=32, d_model=16, n_layers=128, n_heads=2, pattern=PATTERN, attention=Sparse(backend)))
     batch = torch.randint(0, 256, (2, 33))
     plans.cache_clear()
@@ -30,12 +31,13 @@ def test_a_128_layer_model_builds_each_plan_once(backend, plans, one_thread):
 
 def test_layouts_all_different_are_each_built_once():
     """More distinct layouts than any fixed bound (here 200 random ones, all alive): each built once, then hits."""
-    layouts = [torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(i)).lt(0.5).tril() | torch.eye(6, dtype=torch.bool) for i in range(200)]
-    built = lut.per_layout(lambda layout: layout.sum())
+    grids = [torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(i)).lt(0.5).tril() | torch.eye(6, dtype=torch.bool) for i in range(200)]
+    layouts = [BlockLayout.from_dense(g) for g in grids]
+    built = lut.per_layout(lambda layout: layout.nnz)
     for _ in range(3):
         for layout in layouts:
             built(layout)
-    assert built.builds == len({lut.layout_digest(x) for x in layouts})
+    assert built.builds == len({tuple(g.flatten().tolist()) for g in grids})
 
 
 def test_entries_of_dead_layouts_are_dropped_beyond_the_spare_ones():
@@ -52,13 +54,13 @@ def test_entries_of_dead_layouts_are_dropped_beyond_the_spare_ones():
     assert built.builds == before
 
 
-def test_a_fresh_tensor_with_the_same_layout_hits_and_an_in_place_edit_misses():
+def test_another_layout_with_the_same_content_hits_and_other_content_misses():
     built = lut.per_layout(lambda layout: object())
     first = built(PATTERN.layout(2, 64))
-    assert built(PATTERN.layout(2, 64)) is first  # same content, another tensor
-    layout = PATTERN.layout(2, 64)
-    layout[:, 5, 0] = ~layout[:, 5, 0]
-    assert built(layout) is not first
+    grid = PATTERN.layout(2, 64).to_dense()
+    assert built(BlockLayout.from_dense(grid)) is first  # same content, another object
+    grid[:, 5, 0] = ~grid[:, 5, 0]
+    assert built(BlockLayout.from_dense(grid)) is not first
 
 
 def test_cache_bytes_counts_the_masks_of_pieces_plans():

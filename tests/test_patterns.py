@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from sparse_transformer.model.patterns import AttentionPattern, PatternError, density, element_mask
+from sparse_transformer.model.layout import element_mask
+from sparse_transformer.model.patterns import AttentionPattern, PatternError
 
 
 def brute_rules(kind: str, n: int, l: int, c: int) -> list[set[tuple[int, int]]]:
@@ -66,13 +67,13 @@ def test_pattern_matches_set_definitions(kind, n, l, c, bs, heads):
         expected = torch.stack(expected)
         assert torch.equal(pattern.mask(n_heads, n, layer), expected)
         expected_layout = torch.stack([block_cover(m, bs) for m in expected])
-        assert torch.equal(pattern.layout(n_heads, n, layer), expected_layout)
+        assert torch.equal(pattern.layout(n_heads, n, layer).to_dense(), expected_layout)
 
 
 @pytest.mark.parametrize("kind,n,l,c,bs", CASES)
 def test_layouts_are_causal_and_see_themselves(kind, n, l, c, bs):
     for heads in ("merged", "interleaved", "split"):
-        layout = AttentionPattern(kind, bs, l, c, heads).layout(4, n, layer=1)
+        layout = AttentionPattern(kind, bs, l, c, heads).layout(4, n, layer=1).to_dense()
         assert not layout.triu(1).any(), "a tile above the diagonal"
         assert layout.diagonal(dim1=1, dim2=2).all(), "a query block that does not see itself"
         mask = element_mask(layout, bs)
@@ -81,7 +82,7 @@ def test_layouts_are_causal_and_see_themselves(kind, n, l, c, bs):
 
 def test_block_size_one_layout_is_the_exact_mask():
     p = AttentionPattern("fixed", block_size=1, stride=8, summary=3)
-    assert torch.equal(p.layout(2, 40), p.mask(2, 40))
+    assert torch.equal(p.layout(2, 40).to_dense(), p.mask(2, 40))
 
 
 def test_sparse_layouts_are_sparse():
@@ -89,14 +90,14 @@ def test_sparse_layouts_are_sparse():
     dense = AttentionPattern("dense", block_size=64).layout(1, n)
     strided = AttentionPattern("strided", block_size=64, stride=512).layout(1, n)
     fixed = AttentionPattern("fixed", block_size=64, stride=512, summary=64).layout(1, n)
-    assert density(dense) == 1.0
-    assert density(strided) < 0.35 and density(fixed) < 0.35
+    assert dense.density() == 1.0 and dense.is_dense
+    assert strided.density() < 0.35 and fixed.density() < 0.35
 
 
 def test_patterns_depend_only_on_absolute_position():
     """A shorter sequence uses the top-left corner of the full layout (what the model relies on)."""
     p = AttentionPattern("strided", block_size=4, stride=8, heads="split")
-    assert torch.equal(p.layout(2, 64)[:, :5, :5], p.layout(2, 20))
+    assert torch.equal(p.layout(2, 64).crop(5).to_dense(), p.layout(2, 20).to_dense())
 
 
 @pytest.mark.parametrize(

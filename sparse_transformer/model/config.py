@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from sparse_transformer.errors import InputError
 from sparse_transformer.model.hourglass_spec import HourglassConfig
-from sparse_transformer.model.patterns import AttentionPattern, PatternError, check_layout_size, sqrt_stride
+from sparse_transformer.model.patterns import AttentionPattern, PatternError, sqrt_stride
 
 
 class ConfigError(InputError, ValueError):
@@ -158,7 +158,6 @@ class ModelConfig:
         """
         n, pattern = self.context, self.pattern
         pattern.check(n)
-        check_layout_size(self.n_heads, self.n_layers, n, pattern.block_size)
         if pattern.needs_stride and pattern.stride is None:
             stride = sqrt_stride(n, pattern.block_size) if stride is None else stride
             try:

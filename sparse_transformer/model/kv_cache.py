@@ -2,7 +2,8 @@
 
 Decoding position t reads the key blocks of its query block's layout row. A key block is stored from the
 moment its first key is written until the last query block of the context that reads it has passed, so a
-strided layer holds its local window and its column blocks, not the whole prefix.
+strided layer holds its local window and its column blocks, not the whole prefix: O(sqrt(N)) blocks for the
+paper's patterns, read from the layout's rows, never from a grid.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ import math
 
 import torch
 
+from sparse_transformer.model.layout import BlockLayout
+
 
 class BlockKVCache:
     """The cache of one attention layer: key/value blocks of ``[B, H, block_size, D]`` by block index."""
 
-    def __init__(self, layout: torch.Tensor, block_size: int):
-        self.layout, self.block_size = layout.cpu(), block_size  # (H, NB, NB) over the whole context
-        nb = layout.shape[-1]
-        rows = torch.arange(nb).view(nb, 1).expand(nb, nb)
-        # Last query block that reads each key block; causal layouts always read their diagonal.
-        self.last_use = torch.where(self.layout.any(0), rows, -1).amax(0).tolist()
+    def __init__(self, layout: BlockLayout, block_size: int):
+        self.layout, self.block_size = layout, block_size  # over the whole context
+        R = layout.n_blocks
+        # Last query block that reads each key block, over every head; causal layouts always read their diagonal.
+        if layout.is_dense:
+            self.last_use = [R - 1] * R
+        else:
+            last = torch.full((R,), -1, dtype=torch.int64)
+            self.last_use = last.scatter_reduce_(0, layout.indices.long(), layout.row_ids() % R, "amax").tolist()
         self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._row: int | None = None  # query block that the gathered keys below serve
         self._keys: torch.Tensor | None = None  # (B, H, U * block_size, D) the row's blocks, diagonal last
@@ -60,9 +66,11 @@ class BlockKVCache:
         if self._row in self.blocks:  # the previous diagonal block: stop sharing the old gathered storage
             self.blocks[self._row] = tuple(t.clone() for t in self.blocks[self._row])
         self.blocks = {kb: kv for kb, kv in self.blocks.items() if self.last_use[kb] >= row}
-        allowed = self.layout[:, row, : row + 1]  # (H, row + 1)
-        cols = allowed.any(0).nonzero().flatten().tolist()  # union over heads, ascending: the diagonal last
-        self._allowed = allowed[:, cols].repeat_interleave(self.block_size, dim=1).to(device)  # (H, U * bs)
+        per_head = [self.layout.row(h, row).long() for h in range(self.layout.n_heads)]
+        columns = torch.unique(torch.cat(per_head))  # union over heads, ascending: the diagonal last
+        allowed = torch.stack([torch.isin(columns, mine) for mine in per_head])  # (H, U)
+        cols = columns.tolist()
+        self._allowed = allowed.repeat_interleave(self.block_size, dim=1).to(device)  # (H, U * bs)
         offsets = torch.arange(self.block_size)
         self._key_pos = torch.cat([c * self.block_size + offsets for c in cols]).to(device)
         self._keys = torch.cat([self.blocks[c][0] for c in cols], dim=2)  # (B, H, U * bs, D)

@@ -19,19 +19,22 @@ Two-rule patterns combine across layers and heads as in the paper (section 4.3):
 
 Attention is computed at the granularity of ``block_size`` x ``block_size`` tiles, as in the paper's
 block-sparse kernels: a tile is attended when its rule reaches any of its positions, and the diagonal
-tiles are masked element-wise to stay causal. ``layout`` gives the tiles, ``mask`` the exact element
-sets of the definitions above; with ``block_size=1`` the two coincide.
+tiles are masked element-wise to stay causal. ``layout`` gives the tiles as a :class:`BlockLayout` (the key
+blocks each query block reads, built in O(tiles) at any length), ``mask`` the exact element sets of the
+definitions above as a dense grid for tests; with ``block_size=1`` the two coincide.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from sparse_transformer.errors import InputError
+from sparse_transformer.model.layout import BlockLayout
 
 PatternKind = Literal["dense", "local", "strided", "fixed"]
 HeadMode = Literal["interleaved", "merged", "split"]
@@ -92,93 +95,85 @@ class AttentionPattern:
     def n_rules(self) -> int:
         return 2 if self.kind in ("strided", "fixed") else 1
 
-    def layout(self, n_heads: int, seq_len: int, layer: int = 0) -> torch.Tensor:
-        """Bool ``[n_heads, seq_len // block_size, seq_len // block_size]``: the tiles each head computes."""
+    def layout(self, n_heads: int, seq_len: int, layer: int = 0) -> BlockLayout:
+        """The tiles each head computes at ``seq_len``, built from the rules in O(tiles). Layers whose layouts are
+        equal share one object while it is alive (every layer but for interleaved's two), as do the caches the
+        backends build from it."""
         self.check(seq_len)
-        return self._heads(n_heads, seq_len // self.block_size, self.block_size, layer)
-
-    def mask(self, n_heads: int, seq_len: int, layer: int = 0) -> torch.Tensor:
-        """Bool ``[n_heads, seq_len, seq_len]``: the exact element sets of the paper's definitions."""
-        if seq_len < 1:
-            raise PatternError(f"sequence length {seq_len} must be positive")
-        return self._heads(n_heads, seq_len, 1, layer)
-
-    def _heads(self, n_heads: int, n: int, unit: int, layer: int) -> torch.Tensor:
         if self.needs_stride and self.stride is None:
             raise PatternError(f"pattern kind {self.kind!r} needs a stride; set pattern.stride")
-        rules = [self._rule(r, n, unit) for r in range(self.n_rules)]
-        if len(rules) == 1 or self.heads == "merged":
-            per_head = [torch.stack(rules).any(0)] * n_heads
+        which = layer % 2 if self.heads == "interleaved" and self.n_rules == 2 else 0
+        key = (self, n_heads, seq_len, which)
+        layout = _layouts.get(key)
+        if layout is None:
+            layout = _layouts[key] = self._heads(n_heads, seq_len // self.block_size, self.block_size, layer)
+        return layout
+
+    def mask(self, n_heads: int, seq_len: int, layer: int = 0) -> torch.Tensor:
+        """Bool ``[n_heads, seq_len, seq_len]``: the exact element sets of the paper's definitions. O(N^2): for
+        tests and figures at small N."""
+        if seq_len < 1:
+            raise PatternError(f"sequence length {seq_len} must be positive")
+        if self.needs_stride and self.stride is None:
+            raise PatternError(f"pattern kind {self.kind!r} needs a stride; set pattern.stride")
+        return self._heads(n_heads, seq_len, 1, layer).to_dense()
+
+    def _heads(self, n_heads: int, n: int, unit: int, layer: int) -> BlockLayout:
+        if self.kind == "dense":
+            return BlockLayout.causal(n_heads, n)
+        rules = [self._rule(r, n, unit) for r in range(self.n_rules)]  # one head's (counts, columns) each
+        if len(rules) == 1:
+            per_head = rules * n_heads
+        elif self.heads == "merged":
+            per_head = [_union(rules, n)] * n_heads
         elif self.heads == "interleaved":
             per_head = [rules[layer % 2]] * n_heads
         else:
             per_head = [rules[h % 2] for h in range(n_heads)]
-        return torch.stack(per_head)
+        count = torch.cat([c for c, _ in per_head])
+        return BlockLayout(n_heads, n, torch.cat([torch.zeros(1, dtype=torch.int64), count.cumsum(0)]), torch.cat([i for _, i in per_head]))
 
-    def _rule(self, r: int, n: int, unit: int) -> torch.Tensor:
-        """Rule ``r`` on an ``n x n`` grid whose cells are ``unit`` positions wide.
+    def _rule(self, r: int, n: int, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rule ``r`` on ``n`` cells ``unit`` positions wide, as one head's rows: ``(count (n,), columns)``.
 
-        With l and c multiples of ``unit`` the closed forms below are exactly "the cell holds a pair
-        (i, j) of the rule"; ``unit=1`` gives the element-level definition.
+        Each rule's cells in row i are a few arithmetic progressions of columns, made directly, so the cost is
+        the number of cells. With l and c multiples of ``unit`` they are exactly "the cell holds a pair (i, j)
+        of the rule"; ``unit=1`` gives the element-level definition.
         """
-        i = torch.arange(n).unsqueeze(1)
-        j = torch.arange(n).unsqueeze(0)
-        causal = j <= i
-        if self.kind == "dense":
-            return causal
+        i = torch.arange(n)
         l = self.stride // unit
-        if self.kind == "local" or (self.kind == "strided" and r == 0):
-            return causal & (i - j <= l)
-        if self.kind == "strided":
-            return causal & ((i - j) % l == 0)
-        if r == 0:  # fixed A(1): same chunk
-            return causal & (i // l == j // l)
-        # fixed A(2): the cell reaches a summary position, i.e. (j mod l + 1) * unit > l - c; and itself.
-        return causal & ((j % l + 1) * unit > self.stride - self.summary) | (i == j)
+        if self.kind == "local" or (self.kind == "strided" and r == 0):  # j in [i - l, i]
+            return _progression(i, (i - l).clamp(min=0), 1)
+        if self.kind == "strided":  # j = i, i - l, i - 2l, ...
+            return _progression(i, i % l, l)
+        if r == 0:  # fixed A(1): the chunk of i, up to i
+            return _progression(i, i // l * l, 1)
+        # fixed A(2): the cells that reach a summary position, i.e. (j mod l + 1) * unit > l * unit - c, which is
+        # j mod l >= l - ceil(c / unit); and itself. One progression per summary cell of a chunk, merged.
+        offsets = range(l - -(-self.summary // unit), l)
+        return _union([*(_progression(i, torch.full_like(i, o), l) for o in offsets), (torch.ones_like(i), i)], n)
 
 
-def check_layout_size(n_heads: int, n_layers: int, seq_len: int, block_size: int) -> None:
-    """Refuse, before building them, layouts this machine has no memory for: each layer keeps a bool ``[H, R, R]``
-    layout (R = seq_len / block_size), and building one takes int64 grids of R x R (about 24 bytes a tile)."""
-    r = seq_len // block_size
-    needed = r * r * (n_heads * n_layers + 24 + n_heads)
-    available = _available_memory()
-    if available is not None and needed > available:
-        raise PatternError(
-            f"the attention layouts of seq_len={seq_len} in blocks of {block_size} ({r:,} x {r:,} tiles a head, "
-            f"{n_layers} layers) need about {needed / 2**30:,.1f} GiB to build, more than the {available / 2**30:,.1f} GiB "
-            "of memory available; use a larger pattern block_size or a shorter seq_len"
-        )
+def _progression(last: torch.Tensor, start: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose columns run ``start[i], start[i] + step, ...`` up to ``last[i]``: ``(count, columns)``."""
+    count = ((last + 1 - start + step - 1) // step).clamp(min=0)
+    within = torch.arange(int(count.sum())) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    return count, torch.repeat_interleave(start, count) + within * step
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _union(rules: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of several rules over ``n`` cells merged, each column once, ascending: ``(count, columns)``."""
+    rows = torch.cat([torch.arange(n).repeat_interleave(count) for count, _ in rules])
+    keys = torch.unique(rows * n + torch.cat([cols for _, cols in rules]))  # sorted by row, then column
+    return torch.bincount(keys // n, minlength=n), keys % n
+
+
+_layouts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (pattern, heads, N, rule) -> its live layout
 
 
 def sqrt_stride(seq_len: int, block_size: int) -> int:
     """The stride l ~ sqrt(N) of section 4.2, in whole blocks: what a pattern uses when the data says nothing else."""
     return max(block_size, round(math.sqrt(seq_len) / block_size) * block_size)
-
-
-def density(layout: torch.Tensor) -> float:
-    """Fraction of the causal tiles a layout computes (1.0 for dense)."""
-    nb = layout.shape[-1]
-    return layout.sum().item() / (layout.shape[0] * nb * (nb + 1) / 2)
-
-
-def element_mask(layout: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Bool ``[H, N, N]``: what block-sparse attention computes, i.e. the tiles of ``layout`` made causal."""
-    mask = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
-    n = mask.shape[-1]
-    return mask & torch.ones(n, n, dtype=torch.bool, device=layout.device).tril()
 
 
 # Checkpoints carry the pattern; let torch.load(weights_only=True) rebuild it.

@@ -79,10 +79,24 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model) if feed_forward else None
         self.mlp = MLP(config) if feed_forward else None
         self.drop = nn.Dropout(config.dropout)
+        self.recompute = config.recompute
 
     def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), cache))
-        return x if self.mlp is None else x + self.mlp(self.norm2(x))
+        return x if self.mlp is None else x + self._feed_forward(x)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """norm2 and the MLP. Under ``recompute`` on a long sequence, ``CHUNK`` tokens at a time, each chunk's
+        activations recomputed in the backward pass: the recomputed block then holds its 4x-wide hidden layer for
+        one chunk, not the sequence (3 GiB at N = 2^20, d = 192), for one more forward of the MLP."""
+        B, N, C = x.shape
+        if not (self.recompute and torch.is_grad_enabled() and B * N > CHUNK):
+            return self._norm_mlp(x)
+        chunks = x.split(max(1, CHUNK // B), dim=1)
+        return torch.cat([checkpoint(self._norm_mlp, chunk, use_reentrant=False) for chunk in chunks], dim=1)
+
+    def _norm_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
 
     def decode(self, x: torch.Tensor, cache: BlockKVCache, pos: int) -> torch.Tensor:
         x = x + self.attn.decode(self.norm1(x), cache, pos)
@@ -94,8 +108,12 @@ class Block(nn.Module):
         return n * (self.attn.flops_per_token(n) + mlp)
 
 
+# Tokens per chunk where a long sequence is processed a piece at a time (the loss; the MLP under recompute).
+CHUNK = 16384
+
+
 class SparseTransformer(nn.Module):
-    """Bytes ``[B, N]`` -> next-byte logits ``[B, N, vocab_size]``.
+    """Bytes ``[B, N]`` -> next-byte logits ``[B, N, vocab_size]``; :meth:`loss` without the whole logits.
 
     ``config`` comes resolved against the data (``Modality.resolve``: the LightningModule does it); what it
     still leaves out gets the generic defaults (``ModelConfig.resolve``), and the result is ``self.config``.
@@ -135,6 +153,24 @@ class SparseTransformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, caches: list[BlockKVCache] | None = None) -> torch.Tensor:
         """Logits for every position; with ``caches`` (from :meth:`new_caches`), also fill them (prefill)."""
+        return self.head(self.norm(self.hidden(idx, caches)))  # (B, N, vocab)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the next-byte logits of ``idx`` against ``targets`` (``[B, N]`` each), ``CHUNK``
+        tokens at a time: the whole ``[B, N, vocab]`` logits never exist (1 GiB at N = 2^20, and as much again for
+        their gradient). In training each chunk's logits are recomputed in the backward pass, one small matmul."""
+        h, y = self.hidden(idx).flatten(0, 1), targets.flatten()  # (B*N, C), (B*N,)
+        if len(y) <= CHUNK:
+            return self._chunk_loss(h, y) / len(y)
+        grad = torch.is_grad_enabled()
+        chunks = zip(h.split(CHUNK), y.split(CHUNK))  # split, not slices: its backward joins the chunks' gradients once
+        return sum(checkpoint(self._chunk_loss, hc, yc, use_reentrant=False) if grad else self._chunk_loss(hc, yc) for hc, yc in chunks) / len(y)
+
+    def _chunk_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.norm(h)).float(), y, reduction="sum")
+
+    def hidden(self, idx: torch.Tensor, caches: list[BlockKVCache] | None = None) -> torch.Tensor:
+        """The last block's output ``[B, N, C]``, before the final norm and the head."""
         B, N = idx.shape
         if N > self.seq_len:
             raise ValueError(f"sequence of {N} tokens is longer than the model's context seq_len={self.seq_len}")
@@ -148,7 +184,7 @@ class SparseTransformer(nn.Module):
         else:
             for i, block in enumerate(self.blocks):
                 x = self._run(block, x, caches[i] if caches else None)
-        return self.head(self.norm(x))[:, :N]  # (B, N, vocab)
+        return x[:, :N]  # (B, N, C)
 
     def _run(self, block: Block, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
         if self.config.compile and cache is None:

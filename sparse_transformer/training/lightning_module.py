@@ -7,7 +7,6 @@ from collections.abc import Iterable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
@@ -58,9 +57,7 @@ class SparseTransformerLM(L.LightningModule):
         return self.model(idx)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        x, y = batch[:, :-1], batch[:, 1:]  # (B, N) each
-        logits = self(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        return self.model.loss(batch[:, :-1], batch[:, 1:])  # (B, N) each
 
     def on_train_start(self) -> None:
         """Apply the configured lr and schedule also to a resumed run, whose optimizer and scheduler come back

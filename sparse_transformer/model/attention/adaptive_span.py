@@ -68,8 +68,7 @@ class AdaptiveSpanAttention(Attention):
         super().__init__(config)
         self.options, self.block_size = config.attention, config.pattern.block_size
         self.span_fraction = nn.Parameter(torch.full((config.n_heads,), float(self.options.init)))  # z / max_span
-        layout = config.pattern.layout(config.n_heads, seq_len, layer)
-        self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
+        self.layout = config.pattern.layout(config.n_heads, seq_len, layer)  # for the full context
 
     def spans(self) -> torch.Tensor:
         """Current spans z ``(H,)`` in positions, in [0, max_span]."""
@@ -99,7 +98,9 @@ class AdaptiveSpanAttention(Attention):
         for a, b, start in self._chunks(N):
             qi, kj = pos[a:b], pos[start:b]
             distance = qi[:, None] - kj[None, :]  # (n, w)
-            allowed = self.layout[:, qi // self.block_size][:, :, kj // self.block_size] & (distance >= 0)  # (H,n,w)
+            bs, last = self.block_size, (b - 1) // self.block_size
+            tiles = self.layout.grid(range(a // bs, last + 1), range(start // bs, last + 1)).to(q.device)  # the window's
+            allowed = tiles[:, qi // bs - a // bs][:, :, kj // bs - start // bs] & (distance >= 0)  # (H, n, w)
             scores = q[:, :, a:b] @ k[:, :, start:b].transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, n, w)
             attn = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1)
             attn = attn * ramp_mask(span, distance, self.options.ramp)  # m(0) = 1: the diagonal always stays

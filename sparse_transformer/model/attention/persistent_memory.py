@@ -17,22 +17,29 @@ import torch
 import torch.nn as nn
 
 from sparse_transformer.model.config import ModelConfig
+from sparse_transformer.model.layout import BlockLayout
 
 
-def memory_layout(layout: torch.Tensor, n_memory_blocks: int) -> torch.Tensor:
-    """``(H, NB, NB)`` -> ``(H, m + NB, m + NB)``: m leading key-block columns seen by every real query block.
+def memory_layout(layout: BlockLayout, n_memory_blocks: int) -> BlockLayout:
+    """H heads of NB blocks -> of m + NB blocks: m leading key-block columns seen by every real query block.
 
     The top-left m x m corner (the dummy query rows) is causal with its diagonal, so the layout stays a
     valid causal layout for every backend; the old layout sits in the lower-right corner, shifted by whole
     blocks, so its diagonal tiles keep their element-wise causal mask.
     """
-    H, nb, _ = layout.shape
-    m = n_memory_blocks
-    out = torch.zeros(H, m + nb, m + nb, dtype=torch.bool, device=layout.device)
-    out[:, :m, :m] = torch.ones(m, m, dtype=torch.bool, device=layout.device).tril()
-    out[:, m:, :m] = True
-    out[:, m:, m:] = layout
-    return out
+    H, nb, m = layout.n_heads, layout.n_blocks, n_memory_blocks
+    R = m + nb
+    head = torch.arange(H)[:, None]
+    dummy_rows, dummy_cols = (t.flatten() for t in torch.tril_indices(m, m))  # the m x m causal corner
+    real = torch.arange(m, R)
+    old = layout.row_ids()
+    rows = torch.cat([
+        (head * R + dummy_rows).flatten(),
+        (head * R + real.repeat_interleave(m)).flatten(),  # every real row reads the m memory blocks
+        old // nb * R + m + old % nb,
+    ])  # fmt: skip
+    cols = torch.cat([dummy_cols.repeat(H), torch.arange(m).repeat(H * nb), m + layout.indices.long()])
+    return BlockLayout.from_rows(H, R, rows, cols)
 
 
 class PersistentMemory(nn.Module):
@@ -42,15 +49,15 @@ class PersistentMemory(nn.Module):
     sqrt(d_head) and sqrt(M) in use, as in the paper.
     """
 
-    def __init__(self, config: ModelConfig, layout: torch.Tensor):
+    def __init__(self, config: ModelConfig, layout: BlockLayout):
         super().__init__()
         H, M, D = config.n_heads, config.attention.persistent_memory, config.head_dim
         self.n_memory, self.block_size = M, config.pattern.block_size
         self.keys = nn.Parameter(torch.randn(H, M, D) / math.sqrt(D))  # (H, M, D)
         self.values = nn.Parameter(torch.randn(H, M, D) / math.sqrt(M))  # (H, M, D)
         # Built once for the full context; a shorter sequence uses its top-left corner, which is exactly the
-        # extension of the shorter layout, and stays one tensor, so the backends' per-layout caches hit.
-        self.register_buffer("layout", memory_layout(layout, M // self.block_size), persistent=False)
+        # extension of the shorter layout.
+        self.layout = memory_layout(layout, M // self.block_size)
 
     def keys_values(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The persistent keys and values at their scale in use, ``(B, H, M, D)`` each."""
@@ -67,4 +74,4 @@ class PersistentMemory(nn.Module):
         k = torch.cat([mem_k, k], dim=2)
         v = torch.cat([mem_v, v], dim=2)
         n = (M + N) // self.block_size
-        return attend(q, k, v, self.layout[:, :n, :n], self.block_size)[:, :, M:]  # (B, H, N, D)
+        return attend(q, k, v, self.layout.crop(n), self.block_size)[:, :, M:]  # (B, H, N, D)

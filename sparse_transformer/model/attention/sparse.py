@@ -67,9 +67,8 @@ class SparseAttention(Attention):
     def __init__(self, config: ModelConfig, seq_len: int, layer: int):
         super().__init__(config)
         self.block_size, self.backend = config.pattern.block_size, config.attention.backend
-        layout = config.pattern.layout(config.n_heads, seq_len, layer)
-        self.register_buffer("layout", layout, persistent=False)  # (H, NB, NB) for the full context
-        self.memory = PersistentMemory(config, layout) if config.attention.persistent_memory else None
+        self.layout = config.pattern.layout(config.n_heads, seq_len, layer)  # for the full context, shared by equal layers
+        self.memory = PersistentMemory(config, self.layout) if config.attention.persistent_memory else None
         self._tiles: dict[int, int] = {}  # query blocks -> tiles computed, summed over heads
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: BlockKVCache | None) -> torch.Tensor:
@@ -83,7 +82,7 @@ class SparseAttention(Attention):
             return self.memory.attend(attend, q, k, v)  # (B, H, N, D)
         # Patterns depend only on absolute positions, so a shorter sequence uses the top-left corner.
         nb = N // self.block_size
-        return attend(q, k, v, self.layout[:, :nb, :nb], self.block_size)  # (B, H, N, D)
+        return attend(q, k, v, self.layout.crop(nb), self.block_size)  # (B, H, N, D)
 
     def new_cache(self) -> BlockKVCache:
         """An empty cache for this layer; persistent memory sits in it as the leading key blocks."""
@@ -105,7 +104,7 @@ class SparseAttention(Attention):
         model FLOPs."""
         nb = math.ceil(n / self.block_size)
         if nb not in self._tiles:
-            tiles = int(self.layout[:, :nb, :nb].sum())
+            tiles = self.layout.crop(nb).nnz
             memory_blocks = 0 if self.memory is None else self.memory.n_memory // self.block_size
             self._tiles[nb] = tiles + self.n_heads * nb * memory_blocks
         head_dim = self.qkv.in_features // self.n_heads

@@ -2,8 +2,10 @@
 
     fn(q, k, v, layout, block_size, scale=None) -> out
 
-q, k, v, out ``[B, H, N, D]``; layout a bool ``[H, N // block_size, N // block_size]`` causal block layout
-whose diagonal tiles are masked element-wise. ``reference`` is the oracle the others are tested against.
+q, k, v, out ``[B, H, N, D]``; layout a :class:`~sparse_transformer.model.layout.BlockLayout` of H heads of
+N // block_size blocks, the key blocks each query block reads (a bool ``[H, R, R]`` grid is taken too, for
+hand-made layouts at small N), whose diagonal tiles are masked element-wise. ``reference`` is the oracle the
+others are tested against.
 """
 
 from __future__ import annotations

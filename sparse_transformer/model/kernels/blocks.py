@@ -1,6 +1,6 @@
 """Block-sparse attention in plain PyTorch: gather each query block's key blocks, then batched matmuls.
 
-The CPU default backend. Each query block reads only the key blocks its row of the layout lists
+What ``auto`` runs on a device with no kernel of its own (Apple's MPS). Each query block reads only the key blocks its row of the layout lists
 (``lut.layout_tables``), so time and memory follow the number of non-zero tiles on any device and
 no N x N tensor is ever built. Rows are padded to the widest row of their chunk; padding slots are masked
 out and the diagonal slot gets the element-wise causal mask. Autograd differentiates it end to end.
@@ -14,6 +14,7 @@ import torch
 
 from sparse_transformer.model.kernels.checks import check_inputs
 from sparse_transformer.model.kernels.lut import layout_tables, per_layout
+from sparse_transformer.model.layout import BlockLayout
 
 # Rows of a causal layout widen with the row index, so padding every row to the widest one would waste
 # about half the work on a dense layout. Padding each of a few chunks of rows to its own width wastes ~1/8.
@@ -21,15 +22,15 @@ ROW_CHUNKS = 8
 
 
 def blocks_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``.
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` (H heads of N / bs blocks).
 
     The matmuls run in the input dtype (q scaled first); masking and softmax run in fp32 and the
     probabilities are cast back, so fp16/bf16 stay stable. Memory is O(B * H * N * width * (block_size + D)), width being the
-    widest row of the layout. Keep the layout on q's device: the tables are cached per layout tensor.
+    widest row of the layout. The tables are cached per layout, on q's device.
     """
-    check_inputs(q, k, v, layout, block_size)
+    layout = check_inputs(q, k, v, layout, block_size)
     B, H, N, D = q.shape
     R, bs = N // block_size, block_size
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -44,19 +45,19 @@ def blocks_attention(
 
 
 @per_layout
-def _row_plan(layout: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+def _row_plan(layout: BlockLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
     """What depends on the layout alone, built once per layout: the row table with each row's diagonal moved
     to slot 0, its counts, and the row chunks as (first, end, width)."""
-    rows = layout_tables(layout).rows
-    index = rows.index.to(device, torch.long)  # (H, R, width)
-    count = rows.count.to(device)  # (H, R)
+    rows = layout_tables(layout, device).rows
+    index = rows.index.long()  # (H, R, width)
+    count = rows.count  # (H, R)
     # Rows list their columns ascending, so the diagonal (set, and the last column of a causal row) is the
     # last real slot. Move it to slot 0, where one small broadcast mask makes every diagonal tile causal.
     slot = torch.arange(index.shape[-1], device=device)
     last = count[..., None] - 1  # (H, R, 1)
     index = index.gather(-1, torch.where(slot == 0, last, torch.where(slot <= last, slot - 1, slot)))
 
-    R = layout.shape[1]
+    R = layout.n_blocks
     n_chunks = min(R, ROW_CHUNKS)
     bounds = [R * c // n_chunks for c in range(n_chunks + 1)]
     spans = list(zip(bounds[:-1], bounds[1:]))

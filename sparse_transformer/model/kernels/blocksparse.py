@@ -27,6 +27,7 @@ from torch.library import triton_op, wrap_triton
 
 from sparse_transformer.model.kernels.checks import check_inputs
 from sparse_transformer.model.kernels.lut import LayoutTables, layout_tables
+from sparse_transformer.model.layout import BlockLayout
 
 BLOCK_SIZES = (16, 32, 64, 128)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -361,12 +362,12 @@ def _check_triton(q: torch.Tensor, block_size: int) -> None:
 
 
 def blocksparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``.
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` (H heads of N / bs blocks).
 
-    Differentiable in q, k, v. ``scale`` defaults to 1/sqrt(D). Keep the layout on q's device: the lookup
-    tables are cached per layout tensor, and a copy made on every call misses the cache.
+    Differentiable in q, k, v. ``scale`` defaults to 1/sqrt(D). The lookup tables are cached per layout and
+    device.
     """
     tables = _checked_tables(q, k, v, layout, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -377,9 +378,8 @@ def blocksparse_attention(
 
 
 @torch.compiler.disable
-def _checked_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int) -> LayoutTables:
+def _checked_tables(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int) -> LayoutTables:
     """The checks and the cached tables, in eager mode: they read the layout's values once per layout, which a
     compiled graph would have to guard on."""
     _check_triton(q, block_size)
-    check_inputs(q, k, v, layout, block_size)
-    return layout_tables(layout.to(q.device))
+    return layout_tables(check_inputs(q, k, v, layout, block_size), q.device)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from sparse_transformer.model.kernels.lut import per_layout
+from sparse_transformer.model.layout import BlockLayout, as_layout
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int) -> None:
-    """Raise a one-line ValueError naming the offending value and what is allowed.
+def check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout | torch.Tensor, block_size: int
+) -> BlockLayout:
+    """The layout as a :class:`BlockLayout` (a bool ``[H, R, R]`` grid is converted), once the inputs pass; else a
+    one-line ValueError naming the offending value and what is allowed.
 
-    q, k, v must share one floating ``[B, H, N, D]`` shape, dtype and device; ``layout`` must be a bool
-    ``[H, N / block_size, N / block_size]`` with no tile above the diagonal and every diagonal tile set.
+    q, k, v must share one floating ``[B, H, N, D]`` shape, dtype and device; the layout must have H heads of
+    N / block_size blocks (a ``BlockLayout`` is causal with every diagonal tile by construction).
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
@@ -28,35 +31,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torc
     B, H, N, D = q.shape
     if N % block_size:
         raise ValueError(f"sequence length N={N} is not a multiple of block_size={block_size}")
-    check_layout(layout, (H, N // block_size, N // block_size))
-
-
-def check_layout(layout: torch.Tensor, shape: tuple[int, int, int]) -> None:
-    """Refuse a layout of the wrong dtype, shape or content; the content checks run once per layout."""
-    if layout.dtype != torch.bool:
-        raise ValueError(f"layout dtype {layout.dtype} is not supported; use torch.bool")
-    if tuple(layout.shape) != shape:
-        raise ValueError(f"layout shape {list(layout.shape)} is not [H, N/block_size, N/block_size] = {list(shape)}")
-    _check_content(layout)
-
-
-@per_layout
-def causal_dense(layout: torch.Tensor) -> bool:
-    """Every causal tile set: one causal SDPA call over the whole sequence is the whole work, and a backend
-    need plan nothing. Cached like the content checks."""
-    R = layout.shape[-1]
-    return bool((layout.cpu() == torch.ones(R, R, dtype=torch.bool).tril()).all())
-
-
-@per_layout
-def _check_content(layout: torch.Tensor) -> bool:
-    """Causal with every diagonal tile set; cached, so a layout costs one device sync, not one per call."""
-    above = layout.triu(1).nonzero()
-    if len(above):
-        h, r, c = above[0].tolist()
-        raise ValueError(f"layout is not causal: head {h} has tile ({r}, {c}) above the diagonal")
-    missing = (~layout.diagonal(dim1=1, dim2=2)).nonzero()
-    if len(missing):
-        h, r = missing[0].tolist()
-        raise ValueError(f"layout head {h} query block {r} lacks its diagonal tile; every query attends to itself")
-    return True
+    layout = as_layout(layout)
+    if layout.shape != (H, N // block_size, N // block_size):
+        raise ValueError(f"layout shape {list(layout.shape)} is not [H, N/block_size, N/block_size] = {[H, N // block_size, N // block_size]}")
+    return layout

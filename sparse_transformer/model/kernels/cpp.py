@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from sparse_transformer.model.kernels.build import OPS_NAMESPACE, load
-from sparse_transformer.model.kernels.checks import causal_dense, check_inputs
+from sparse_transformer.model.kernels.checks import check_inputs
 from sparse_transformer.model.kernels.lut import per_layout
+from sparse_transformer.model.layout import BlockLayout
 
 TILE_QUERIES = 32  # blocks under this are grouped, consecutive ones, into tiles of about this many queries
 MAX_TILE_BLOCKS = 16  # a tile's query blocks are bits of an int32 per key block
@@ -57,68 +58,74 @@ def available() -> bool:
 
 @torch.compiler.disable  # under torch.compile, one eager call: its op has no fake kernel, and its planning is Python
 def cpp_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``, on the CPU."""
-    check_inputs(q, k, v, layout, block_size)
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` (H heads of N / bs blocks), on the CPU."""
+    layout = check_inputs(q, k, v, layout, block_size)
     if q.device.type != "cpu":
         raise ValueError(f"the cpp backend runs on the CPU; q is on {q.device} (use auto, triton or blocks there)")
     if not load():
         raise RuntimeError("the cpp backend's kernel could not be built here (see the warning); use pieces")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if causal_dense(layout):  # every causal tile: SDPA's causal kernel, no tiles planned
+    if layout.is_dense:  # every causal tile: SDPA's causal kernel, no tiles planned
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return _Attention.apply(q, k, v, _tiles(layout, block_size), block_size, scale)
 
 
 @per_layout
-def _tiles(layout: torch.Tensor, block_size: int) -> Tiles:
-    """Consecutive query blocks in tiles of about TILE_QUERIES queries, each reading the union of its rows' keys."""
-    layout = layout.cpu()
-    H, R, _ = layout.shape
+def _tiles(layout: BlockLayout, block_size: int) -> Tiles:
+    """Consecutive query blocks in tiles of about TILE_QUERIES queries, each reading the union of its rows' keys.
+    Made from the layout's entries, O(tiles), never from a grid."""
+    H, R = layout.n_heads, layout.n_blocks
     G = max(1, min(MAX_TILE_BLOCKS, TILE_QUERIES // block_size))
     T = -(-R // G)  # tiles per head
     size = (R - torch.arange(T) * G).clamp(max=G)  # query blocks of each tile: the last of a head may be short
-    offsets = torch.arange(G).expand(T, G)
-    head_rows = (torch.arange(T)[:, None] * G + offsets)[offsets < size[:, None]]  # a head's tiles' rows, in order
-    keys, key_counts, seen, orders = [], [], [], []
-    for h in range(H):  # one head at a time: (R, R) temporaries, whatever H
-        groups = torch.zeros(T * G, R, dtype=torch.bool)
-        groups[:R] = layout[h]
-        groups = groups.view(T, G, R)
-        union = groups.any(1)  # (T, R): the key blocks a tile reads
-        t, c = union.nonzero(as_tuple=True)  # by tile, then key block ascending
-        keys.append(h * R + c)
-        key_counts.append(union.sum(1))
-        seen.append((groups.int() << torch.arange(G).view(1, G, 1)).sum(1)[t, c])  # which of its rows read each
+    row = layout.row_ids()  # flat h * R + r of each entry
+    key = (row // R * T + row % R // G) * R + layout.indices.long()  # (flat tile, key block): ascending already
+    if G == 1:
+        seen = torch.ones(len(key), dtype=torch.int64)
+    else:  # a tile reads the union of its rows' key blocks, each with a bit per row that reads it
+        key, inverse = torch.unique(key, return_inverse=True)
+        seen = torch.zeros(len(key), dtype=torch.int64).index_add_(0, inverse, 1 << (row % R % G))
+    tile = key // R
+    orders = []
+    for h in range(H):
         # A head of column rows is visited by residue of the first row modulo its step: strided's rows r, r + s,
         # r + 2s, ... read nearly the same blocks, which then stay in cache between them (8% faster at N=8192).
-        step = _column_step(layout[h]) or R
+        step = _column_step(layout, h) or R
         first = torch.arange(T) * G
         orders.append(h * T + torch.argsort(first % step * R + first))
-
-    def pointers(counts: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
-
     return Tiles(
-        rows_ptr=pointers(size.repeat(H)),
-        rows=(torch.arange(H)[:, None] * R + head_rows).flatten().int(),
-        keys_ptr=pointers(torch.cat(key_counts)),
-        keys=torch.cat(keys).int(),
-        seen=torch.cat(seen).int(),
+        rows_ptr=_pointers(size.repeat(H)).int(),
+        rows=torch.arange(H * R).int(),  # a head's tiles take its rows in order
+        keys_ptr=_pointers(torch.bincount(tile, minlength=H * T)).int(),
+        keys=(tile // T * R + key % R).int(),
+        seen=seen.int(),
         order=torch.cat(orders).int(),
         head_ptr=(torch.arange(H + 1) * T).int(),
     )
 
 
-def _column_step(layout: torch.Tensor) -> int | None:
+def _pointers(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+
+def _column_step(layout: BlockLayout, h: int) -> int | None:
     """For a head whose successive rows share few key blocks but whose rows read blocks at a common step
     (strided's column rule): that step, the gap most rows leave between the blocks they read; else None."""
-    shared = (layout[1:] & layout[:-1]).sum(1) / layout[1:].sum(1)  # of each row's blocks, those its predecessor reads
-    if len(shared) == 0 or shared.mean() >= 0.5:
+    R = layout.n_blocks
+    if R < 2:
         return None
-    r, c = layout.nonzero(as_tuple=True)  # by row, then column
-    gaps = (c[1:] - c[:-1])[r[1:] == r[:-1]]
+    count = layout.counts()[h]
+    cols = layout.indices[layout.indptr[h * R] : layout.indptr[(h + 1) * R]].long()
+    r = torch.arange(R).repeat_interleave(count)
+    key = r * R + cols  # ascending
+    previous = (r - 1) * R + cols  # the same block in the row before
+    found = key[torch.searchsorted(key, previous).clamp(max=len(key) - 1)] == previous
+    shared = torch.bincount(r[found & (r > 0)], minlength=R)[1:] / count[1:]  # of each row's blocks, those its predecessor reads
+    if shared.mean() >= 0.5:
+        return None
+    gaps = (cols[1:] - cols[:-1])[r[1:] == r[:-1]]
     if len(gaps) == 0:
         return None
     values, counts = gaps.unique(return_counts=True)

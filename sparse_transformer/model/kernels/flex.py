@@ -14,12 +14,12 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 
 from sparse_transformer.model.kernels.checks import check_inputs
-from sparse_transformer.model.kernels.lut import layout_tables, per_layout
+from sparse_transformer.model.kernels.lut import per_layout
+from sparse_transformer.model.layout import BlockLayout
 
 
 @functools.cache
@@ -35,13 +35,13 @@ KERNEL_TILE = 128
 
 
 def flex_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``.
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` (H heads of N / bs blocks).
 
-    ``scale`` defaults to 1/sqrt(D). The BlockMask is cached per layout tensor, so keep reusing one.
+    ``scale`` defaults to 1/sqrt(D). The BlockMask is cached per layout.
     """
-    check_inputs(q, k, v, layout, block_size)
+    layout = check_inputs(q, k, v, layout, block_size)
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError(
             "the flex backend has no backward on CPU (torch's FlexAttention is forward-only there); "
@@ -66,32 +66,40 @@ def flex_tile(block_size: int, seq_len: int) -> int:
 
 
 @per_layout
-def flex_block_mask(layout: torch.Tensor, block_size: int, device: torch.device) -> BlockMask:
-    """The BlockMask of a bool ``[H, R, R]`` layout on ``device``, built once per layout. On the CPU its tiles are
-    the layout's blocks (the CPU kernel takes any); on CUDA, ``flex_tile``."""
-    N = layout.shape[1] * block_size
+def flex_block_mask(layout: BlockLayout, block_size: int, device: torch.device) -> BlockMask:
+    """The BlockMask of a layout on ``device``, built once per layout. On the CPU its tiles are the layout's blocks
+    (the CPU kernel takes any); on CUDA, ``flex_tile``."""
+    N = layout.n_blocks * block_size
     tile = flex_tile(block_size, N) if torch.device(device).type == "cuda" else block_size
-    return _build_block_mask(layout.to(device), block_size, tile)
+    return _build_block_mask(layout, block_size, tile, torch.device(device))
 
 
-def _build_block_mask(layout: torch.Tensor, block_size: int, tile: int) -> BlockMask:
-    H, R, _ = layout.shape
+def _build_block_mask(layout: BlockLayout, block_size: int, tile: int, device: torch.device) -> BlockMask:
+    """A tile is "full" when all its blocks are set and it lies below the diagonal, "partial" when some are set
+    otherwise. Counted from the layout's entries; the BlockMask itself is ``[1, H, C, C]`` (C tiles a side),
+    FlexAttention's own form, and its ``mask_mod`` reads the layout as a grid: flex is the O(R^2) point of
+    comparison, the other backends take the layout's rows."""
+    H, R = layout.n_heads, layout.n_blocks
     N = R * block_size
     per = tile // block_size  # layout blocks per tile side
     C = N // tile  # tiles per side
+    grid = layout.to_dense().to(device)
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return layout[h, q_idx // block_size, kv_idx // block_size] & (kv_idx <= q_idx)
+        return grid[h, q_idx // block_size, kv_idx // block_size] & (kv_idx <= q_idx)
 
-    blocks = layout.unflatten(2, (C, per)).unflatten(1, (C, per))  # (H, C, per, C, per)
-    below = torch.ones(C, C, dtype=torch.bool, device=layout.device).tril(-1)  # tiles with no j > i in them
-    full = blocks.all(4).all(2) & below  # (H, C, C)
-    partial = blocks.any(4).any(2) & ~full  # (H, C, C)
+    row = layout.row_ids()
+    at = (row // R * C + row % R // per) * C + layout.indices.long() // per  # flat (h, tile row, tile column)
+    blocks = torch.bincount(at, minlength=H * C * C).view(H, C, C)  # layout blocks set in each tile
+    below = torch.ones(C, C, dtype=torch.bool).tril(-1)  # tiles with no j > i in them
+    full = (blocks == per * per) & below
+    partial = (blocks > 0) & ~full
 
     def ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(count (1, H, C), columns (1, H, C, C)): FlexAttention wants every row's column list C long."""
-        rows = layout_tables(tiles).rows
-        return rows.count[None], F.pad(rows.index, (0, C - rows.width))[None]
+        count = tiles.sum(-1, dtype=torch.int32)
+        columns = torch.sort((~tiles).to(torch.int8), dim=-1, stable=True).indices.int()  # the set ones first, ascending
+        return count[None].to(device), columns[None].to(device)
 
     return BlockMask.from_kv_blocks(
         *ordered(partial), *ordered(full), BLOCK_SIZE=tile, mask_mod=mask_mod, seq_lengths=(N, N)

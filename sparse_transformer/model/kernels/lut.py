@@ -1,13 +1,11 @@
-"""Lookup tables of a block layout: which key blocks each query block reads, and the transpose.
-
-Built once per layout and cached (``per_layout``), so every backend's work follows the number of non-zero tiles.
+"""What the backends build from a layout, built once per layout and cached (``per_layout``): the padded lookup
+tables of the Triton kernel and ``blocks`` (which key blocks each query block reads, and the transpose).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,6 +13,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
+
+from sparse_transformer.model.layout import BlockLayout
 
 T = TypeVar("T")
 
@@ -40,25 +40,25 @@ class LayoutTables:
     cols: BlockTable  # query blocks of each key block (dK, dV)
 
 
-def _table(layout: torch.Tensor) -> BlockTable:
-    count = layout.sum(-1, dtype=torch.int32)  # (H, R)
+def _table(n_rows: int, indptr: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> BlockTable:
+    """The rows of a compressed-sparse-rows table padded to the widest: O(rows x width)."""
+    count = indptr.diff()  # (rows,)
     width = max(int(count.max()), 1)
-    # A stable sort on "is zero" moves the non-zero columns to the front, in ascending order.
-    order = torch.sort((~layout).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    slot = torch.arange(width, device=layout.device)
-    index = torch.where(slot < count.unsqueeze(-1), order, 0).to(torch.int32).contiguous()
-    return BlockTable(index=index, count=count.contiguous())
+    index = torch.zeros(n_rows, width, dtype=torch.int32)
+    row = torch.arange(n_rows).repeat_interleave(count)
+    index[row, torch.arange(len(indices)) - indptr[:-1].repeat_interleave(count)] = indices.int()
+    return BlockTable(index=index.view(*shape, width), count=count.int().view(shape).contiguous())
 
 
 class LayoutCache(Generic[T]):
-    """``build(layout, *args)``, cached by the layout's content, so every layer whose layout is the same (a
-    128-layer model alternating two rules has two) shares one entry, built once.
+    """``build(layout, *args)``, cached by the layout's content (``BlockLayout.digest``, a hash made once per
+    layout object), so every layer whose layout is the same (a 128-layer model alternating two rules has two)
+    shares one entry, built once.
 
-    Finding the content costs a copy to the CPU and a hash, done once per layout tensor: its identity (storage,
-    view, ``_version``, so an in-place edit misses) maps to its digest. That map holds the tensors weakly, so it
-    knows which layouts are alive. An entry stays while a layout with its content is alive, however many there
-    are; of the entries no live layout uses, the ``spare`` most recent stay (a layout rebuilt for each call still
-    hits) and the rest go. So the cache follows the models in the process, never a fixed count that a deep model
+    The layouts asked about are held weakly, so the cache knows which are alive. An entry stays while a layout
+    with its content is alive, however many there are; of the entries no live layout uses, the ``spare`` most
+    recent stay (a layout rebuilt for each call still hits) and the rest go. So the cache follows the models in
+    the process, never a fixed count that a deep model
     can outgrow. ``builds`` counts the calls to ``build``; a build that raises caches nothing.
     """
 
@@ -67,8 +67,9 @@ class LayoutCache(Generic[T]):
         self.build, self.spare, self.builds = build, spare, 0
         self.entries: OrderedDict[tuple, T] = OrderedDict()
 
-    def __call__(self, layout: torch.Tensor, *args) -> T:
-        key = (layout_digest(layout), *args)
+    def __call__(self, layout: BlockLayout, *args) -> T:
+        key = (layout.digest, *args)
+        _live.add(layout)
         value = self.entries.get(key)
         if value is not None:
             self.entries.move_to_end(key)
@@ -77,7 +78,7 @@ class LayoutCache(Generic[T]):
         self.builds += 1
         self.entries[key] = value
         if len(self.entries) > self.spare:
-            live = _live_digests()
+            live = {layout.digest for layout in _live}
             dead = [k for k in self.entries if k[0] not in live]  # oldest first
             for k in dead[: len(self.entries) - self.spare]:
                 del self.entries[k]
@@ -95,31 +96,7 @@ def per_layout(build: Callable[..., T]) -> LayoutCache[T]:
 
 
 _caches: list[LayoutCache] = []
-_digests: OrderedDict[tuple, tuple[weakref.ref, tuple]] = OrderedDict()  # layout identity -> (its base, weakly; digest)
-IDENTITIES = 4096  # identities kept beyond the live ones' (entries are small; dead ones are swept first)
-
-
-def layout_digest(layout: torch.Tensor) -> tuple:
-    """(shape, hash of the values) of a layout, computed once per layout tensor and version."""
-    base = layout if layout._base is None else layout._base
-    identity = (layout.data_ptr(), tuple(layout.shape), layout.stride(), layout.device, layout._version)
-    hit = _digests.get(identity)
-    if hit is not None and hit[0]() is base:
-        _digests.move_to_end(identity)
-        return hit[1]
-    values = layout.detach().cpu().contiguous().numpy().tobytes()
-    digest = (tuple(layout.shape), layout.dtype, hashlib.blake2b(values, digest_size=16).digest())
-    _digests[identity] = (weakref.ref(base), digest)
-    if len(_digests) > IDENTITIES:
-        for k in [k for k, (ref, _) in _digests.items() if ref() is None]:
-            del _digests[k]
-        while len(_digests) > IDENTITIES:
-            _digests.popitem(last=False)
-    return digest
-
-
-def _live_digests() -> set[tuple]:
-    return {digest for ref, digest in _digests.values() if ref() is not None}
+_live: weakref.WeakSet[BlockLayout] = weakref.WeakSet()  # every layout a cache was asked about, while it is alive
 
 
 def clear_caches() -> None:
@@ -150,6 +127,15 @@ def cache_bytes() -> int:
 
 
 @per_layout
-def layout_tables(layout: torch.Tensor) -> LayoutTables:
-    """Tables of a bool ``[H, R, C]`` layout, built once per layout."""
-    return LayoutTables(rows=_table(layout), cols=_table(layout.transpose(1, 2)))
+def layout_tables(layout: BlockLayout, device: torch.device) -> LayoutTables:
+    """Tables of a layout on ``device``, built once per layout. The columns are the rows of the transpose: its
+    entries ordered by column, then row (a stable sort of the row-ordered entries)."""
+    H, R = layout.n_heads, layout.n_blocks
+    rows = _table(H * R, layout.indptr, layout.indices, (H, R))
+    row = layout.row_ids()
+    column = row // R * R + layout.indices.long()  # flat h * R + c
+    order = torch.sort(column, stable=True).indices
+    count = torch.bincount(column, minlength=H * R)
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), count.cumsum(0)])
+    cols = _table(H * R, indptr, (row % R)[order], (H, R))
+    return LayoutTables(*(BlockTable(t.index.to(device), t.count.to(device)) for t in (rows, cols)))

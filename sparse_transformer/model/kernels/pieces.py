@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_transformer.model.kernels.checks import causal_dense, check_inputs
+from sparse_transformer.model.kernels.checks import check_inputs
 from sparse_transformer.model.kernels.lut import per_layout
+from sparse_transformer.model.layout import BlockLayout
 
 SUPERROW = 2  # rows per window piece: more queries per key for the kernel, little of the union wasted
 MIN_RUN = 4  # a superrow's rows each see at least this many blocks before their own, or go one by one
@@ -98,28 +99,29 @@ class Plan:
 
 @torch.compiler.disable  # under torch.compile, one eager call: Dynamo would trace (and recompile on) its planning
 def pieces_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` ``[H, N/bs, N/bs]``, on the CPU."""
-    check_inputs(q, k, v, layout, block_size)
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` (H heads of N / bs blocks), on the CPU."""
+    layout = check_inputs(q, k, v, layout, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if causal_dense(layout):  # every causal tile: one causal call over the whole sequence
+    if layout.is_dense:  # every causal tile: one causal call over the whole sequence
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     plan = _plan(layout, q.shape[0] * block_size * q.shape[-1] * q.element_size())
     return _Pieces.apply(q, k, v, plan, block_size, scale)
 
 
 @per_layout
-def _plan(layout: torch.Tensor, block_bytes: int) -> Plan:
+def _plan(layout: BlockLayout, block_bytes: int) -> Plan:
     """The pieces of a layout, built once per layout (and the bytes of a block of a batch's keys)."""
-    layout = layout.cpu()
-    H, R, _ = layout.shape
+    H, R = layout.n_heads, layout.n_blocks
     windows: dict[tuple, list[tuple[int, int]]] = {}  # superrow shape -> [(head, first row)]
     gathers: dict[tuple, list[tuple[list[int], list[int]]]] = {}  # (rows, width, visible, own) -> [(queries, keys)]
     for h in range(H):
         starts, rests = [], []
+        ptr = (layout.indptr[h * R : (h + 1) * R + 1] - layout.indptr[h * R]).tolist()
+        head = layout.indices[layout.indptr[h * R] : layout.indptr[(h + 1) * R]].tolist()  # one head's entries at a time
         for r in range(R):
-            cols = layout[h, r, :r].nonzero().flatten().tolist()
+            cols = head[ptr[r] : ptr[r + 1] - 1]  # the row's key blocks before its diagonal, ascending
             run = 0  # the key blocks right before the diagonal, side by side
             while run < len(cols) and cols[-1 - run] == r - 1 - run:
                 run += 1

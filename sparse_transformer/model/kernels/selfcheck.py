@@ -23,6 +23,7 @@ import torch
 from sparse_transformer.errors import InputError
 from sparse_transformer.model.kernels import load_backend
 from sparse_transformer.model.kernels.reference import reference_attention
+from sparse_transformer.model.layout import BlockLayout
 
 # Largest error allowed, as a share of the reference's largest value (at least 1): the kernel tests' bounds, with
 # room; a kernel that compiled wrong is off by far more.
@@ -37,7 +38,7 @@ def try_backend(
     dtype: torch.dtype,
     head_dim: int,
     block_size: int,
-    layout: torch.Tensor | None = None,
+    layout: BlockLayout | None = None,
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> str | None:
     """What goes wrong when ``attend`` runs forward (inside ``context()``: a precision's autocast or default dtype)
@@ -101,15 +102,15 @@ def triton_or_flex(q, k, v, layout, block_size, scale=None) -> torch.Tensor:
     return load_backend("flex")(q, k, v, layout, block_size, scale)
 
 
-def _case(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int, layout=None):
-    """q, k, v ``[1, H, N, head_dim]``, requiring gradients, for ``layout`` ``[H, N / block_size, N / block_size]``; by default 2 heads of
-    4 blocks, one with a sparse row."""
+def _case(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int, layout: BlockLayout | None = None):
+    """q, k, v ``[1, H, N, head_dim]``, requiring gradients, for ``layout``; by default 2 heads of 4 blocks, one
+    with a sparse row."""
     if layout is None:
-        layout = torch.ones(2, 4, 4, dtype=torch.bool).tril()
-        layout[0, 2:, 0] = False
-    layout = layout.to(device)
+        grid = torch.ones(2, 4, 4, dtype=torch.bool).tril()
+        grid[0, 2:, 0] = False
+        layout = BlockLayout.from_dense(grid)
     g = torch.Generator(device).manual_seed(0)
-    shape = (1, layout.shape[0], layout.shape[1] * block_size, head_dim)
+    shape = (1, layout.n_heads, layout.n_blocks * block_size, head_dim)
     q, k, v = (torch.randn(shape, generator=g, device=device).to(dtype).requires_grad_() for _ in range(3))
     return q, k, v, layout
 
