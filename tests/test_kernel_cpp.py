@@ -10,7 +10,8 @@ import torch
 from oracle import PATTERNS, random_layout, single_block_rows
 
 from sparse_transformer.model.kernels import build, get_backend
-from sparse_transformer.model.kernels.cpp import _tiles, cpp_attention
+from sparse_transformer.model.kernels.cpp import _tiles, cpp_attention, cpp_attention_qkv
+from sparse_transformer.model.kernels.reference import reference_attention
 from sparse_transformer.model.kernels.pieces import pieces_attention
 from sparse_transformer.model.patterns import AttentionPattern
 
@@ -115,3 +116,44 @@ def test_no_compiler_falls_back_to_pieces(monkeypatch, tmp_path):
     q = torch.zeros(1, 1, 8, 4)
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="could not be built here"):
         cpp_attention(q, q, q, torch.ones(1, 1, 1, dtype=torch.bool), 8)
+
+
+@pytest.mark.parametrize("name", ["strided-split", "fixed-merged", "local-interleaved"])
+def test_a_fused_projection_output_is_attended_where_it_lies(name):
+    """``cpp_attention_qkv``: the heads read from a (B, N, 3, H, D) tensor, output (B, N, H, D) and one (B, N, 3, H, D)
+    gradient, equal to the oracle's; what it keeps for the backward is that tensor itself, not a copy."""
+    torch.manual_seed(0)
+    B, N, H, D = 2, 128, 4, 16
+    layout = PATTERNS[name].layout(H, N)
+    qkv = torch.randn(B, N, 3, H, D, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = cpp_attention_qkv(qkv, layout, 8)
+    grad = torch.randn(B, N, H, D)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    ref = reference_attention(q, k, v, layout, 8).transpose(1, 2)
+    (want,) = torch.autograd.grad(ref, qkv, grad)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dqkv, want, atol=1e-5, rtol=1e-5)
+    assert out.shape == (B, N, H, D) and out.is_contiguous() and dqkv.is_contiguous()
+    assert any(t.data_ptr() == qkv.data_ptr() for t in saved)
+    assert sum(t.numel() for t in saved) < 1.2 * (qkv.numel() + out.numel())  # qkv, the output and its log-sum-exp
+
+
+def test_the_attention_module_gives_the_same_with_the_fused_path():
+    """SparseAttention on cpp (fused path) and on pieces (q, k, v split out and merged back): the same output and
+    gradients for the same weights."""
+    from sparse_transformer.model import ModelConfig, Sparse
+    from sparse_transformer.model.attention.sparse import SparseAttention
+
+    torch.manual_seed(0)
+    pattern = PATTERNS["fixed-split"]
+    modules = [SparseAttention(ModelConfig(d_model=32, n_heads=4, pattern=pattern, attention=Sparse(b)), 128, 0) for b in ("cpp", "pieces")]
+    modules[1].load_state_dict(modules[0].state_dict())
+    x = torch.randn(2, 128, 32)
+    outs = [m(x) for m in modules]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(o.square().sum(), list(m.parameters())) for o, m in zip(outs, modules)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -17,7 +17,7 @@ import torch
 from sparse_transformer.model.attention.base import Attention
 from sparse_transformer.model.attention.persistent_memory import PersistentMemory
 from sparse_transformer.model.config import AttentionKind, ConfigError, ModelConfig
-from sparse_transformer.model.kernels import BACKENDS, Backend, get_backend
+from sparse_transformer.model.kernels import BACKENDS, Backend, get_backend, get_packed_backend
 from sparse_transformer.model.kv_cache import BlockKVCache
 
 
@@ -70,6 +70,17 @@ class SparseAttention(Attention):
         self.layout = config.pattern.layout(config.n_heads, seq_len, layer)  # for the full context, shared by equal layers
         self.memory = PersistentMemory(config, self.layout) if config.attention.persistent_memory else None
         self._tiles: dict[int, int] = {}  # query blocks -> tiles computed, summed over heads
+
+    def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
+        """As every kind's, but where the backend takes the fused projection's output as it lies (cpp), q, k, v and
+        the output are never copied out of it (``kernels.PACKED``)."""
+        packed = None if cache is not None or self.memory is not None else get_packed_backend(self.backend, x.device)
+        if packed is None:
+            return super().forward(x, cache)
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads)  # (B, N, 3, H, D)
+        y = packed(qkv, self.layout.crop(N // self.block_size), self.block_size)  # (B, N, H, D)
+        return self.proj(y.reshape(B, N, C))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: BlockKVCache | None) -> torch.Tensor:
         B, H, N, D = q.shape

@@ -61,6 +61,17 @@ def get_backend(name: str, device: torch.device) -> AttentionFn:
     return load_backend(resolved)
 
 
+# Backends with an entry for a fused projection's output ``qkv`` ``(B, N, 3, H, D)`` that returns ``(B, N, H, D)``
+# and copies nothing: fn(qkv, layout, block_size, scale=None).
+PACKED: dict[str, str] = {"cpp": "sparse_transformer.model.kernels.cpp:cpp_attention_qkv"}
+
+
+def get_packed_backend(name: str, device: torch.device) -> AttentionFn | None:
+    """The packed-qkv entry of backend ``name`` (or ``auto``'s pick) on ``device``, or None where it has none."""
+    resolved = resolve_backend(name, device)
+    return _load(PACKED[resolved]) if resolved in PACKED else None
+
+
 def load_backend(name: str) -> AttentionFn:
     """Backend ``name``'s own function, unchecked."""
     return _load(BACKENDS[name])

@@ -1,8 +1,8 @@
 // Block-sparse causal attention on the CPU, forward and backward, flash-style: see ../cpp.py.
 //
-// Work comes in tiles: a few query blocks of one head (any blocks, copied side by side) and the union of the
-// key blocks they read, ascending, each with a bit per query block that sees it; tiles are visited in an order
-// that keeps the key blocks successive tiles share in cache (cpp.py). A tile's keys are taken a
+// Work comes in tiles: a few query blocks of one head (any blocks, copied side by side where more than one) and
+// the union of the key blocks they read, ascending, each with a bit per query block that sees it; tiles are visited
+// in an order that keeps the key blocks successive tiles share in cache (cpp.py). A tile's keys are taken a
 // chunk at a time; within a chunk, key blocks adjacent in memory form one run, one GEMM. The scores of a chunk
 // are masked at block level (bits) and causally in a query block's own key block, then folded into the
 // running max, sum and output (online softmax). The backward recomputes the probabilities from the saved
@@ -10,8 +10,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <omp.h>
@@ -122,19 +120,39 @@ constexpr int CHUNK_KEYS = 512;  // keys per chunk of a tile (whole blocks, at l
 
 int chunk_blocks(int bs) { return std::max(1, CHUNK_KEYS / bs); }
 
-// q, k, v: (B, H*R*bs, D) contiguous fp32. Returns out (same) and lse (B, H*R*bs).
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows_ptr,
-                                const at::Tensor& rows, const at::Tensor& keys_ptr, const at::Tensor& keys,
-                                const at::Tensor& seen, const at::Tensor& order, int64_t block_size, double scale_) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && k.is_contiguous() && v.is_contiguous());
+// A (B, H, N, D) fp32 tensor whose rows of D are contiguous, at any other strides: the heads of a fused qkv
+// projection's output (B, N, 3, H, D) are read where they lie, and outputs are written as (B, N, H, D), so the
+// projections on either side need no copy.
+struct View {
+  float* p;
+  int64_t sb, sh, sn;
+  float* row(int64_t b, int64_t h, int64_t n) const { return p + b * sb + h * sh + n * sn; }
+};
+
+View view_of(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.scalar_type() == at::kFloat && t.device().is_cpu(), name, ": a (B, H, N, D) fp32 CPU tensor");
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, name, ": rows of D must be contiguous");
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Rows [n0, n0 + count) of head h, batch b, side by side in dst (count x D).
+void gather_rows(float* dst, const View& x, int64_t b, int64_t h, int64_t n0, int count, int D) {
+  for (int a = 0; a < count; ++a) std::memcpy(dst + static_cast<int64_t>(a) * D, x.row(b, h, n0 + a), sizeof(float) * D);
+}
+
+// q, k, v: (B, H, N, D) views. Writes out (a view of the same shape) and lse (B, H * N, contiguous).
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+             const at::Tensor& rows_ptr, const at::Tensor& rows, const at::Tensor& keys_ptr, const at::Tensor& keys,
+             const at::Tensor& seen, const at::Tensor& order, int64_t block_size, double scale_) {
   const Tiles tl = tiles_of(rows_ptr, rows, keys_ptr, keys, seen, order);
-  const int64_t B = q.size(0), L = q.size(1), D = q.size(2);
+  const View Q = view_of(q, "q"), K = view_of(k, "k"), V = view_of(v, "v"), O = view_of(out, "out");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "lse: contiguous fp32");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   const int bs = static_cast<int>(block_size), Dn = static_cast<int>(D);
+  const int64_t R = N / bs;
   const float scale = static_cast<float>(scale_);
-  auto out = at::empty_like(q);
-  auto lse = at::empty({B, L}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const int ldq = static_cast<int>(Q.sn), ldk = static_cast<int>(K.sn), ldv = static_cast<int>(V.sn);
+  float* lp = lse.data_ptr<float>();
   const int per_chunk = chunk_blocks(bs);
   const int64_t tasks = B * tl.count;  // in the tiles' order: successive tiles read many of the same key blocks
 
@@ -147,16 +165,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t b = task / tl.count, t = tl.order[task % tl.count];
       const int32_t* rows_t = tl.rows + tl.rows_ptr[t];
       const int G = tl.rows_ptr[t + 1] - tl.rows_ptr[t], M = G * bs;
-      const float* qb = qp + b * L * D;
-      const float* kb = kp + b * L * D;
-      const float* vb = vp + b * L * D;
-      const float* qt = qb + static_cast<int64_t>(rows_t[0]) * bs * D;
-      if (G > 1) {
+      const int64_t h = rows_t[0] / R;
+      const float* qt = Q.row(b, h, rows_t[0] % R * bs);
+      int ld = ldq;
+      if (G > 1) {  // the tile's query blocks side by side
         qbuf.resize(static_cast<size_t>(M) * D);
-        for (int i = 0; i < G; ++i)
-          std::memcpy(qbuf.data() + static_cast<int64_t>(i) * bs * D, qb + static_cast<int64_t>(rows_t[i]) * bs * D,
-                      sizeof(float) * bs * D);
+        for (int i = 0; i < G; ++i) gather_rows(qbuf.data() + static_cast<int64_t>(i) * bs * D, Q, b, h, rows_t[i] % R * bs, bs, Dn);
         qt = qbuf.data();
+        ld = Dn;
       }
       obuf.assign(static_cast<size_t>(M) * D, 0.0f);
       mx.assign(M, NEG_INF);
@@ -168,8 +184,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
         float* s = sbuf.data();
         runs_of(tl.keys, k0, k1, runs);
         for (auto [j, len] : runs)
-          mm(false, true, M, len * bs, Dn, scale, qt, Dn, kb + static_cast<int64_t>(tl.keys[k0 + j]) * bs * D, Dn, 0.0f,
-             s + j * bs, n);
+          mm(false, true, M, len * bs, Dn, scale, qt, ld, K.row(b, h, tl.keys[k0 + j] % R * bs), ldk, 0.0f, s + j * bs, n);
         mask_chunk(s, n, tl, t, k0, k1, bs);
         for (int a = 0; a < M; ++a) {
           float* row = s + static_cast<int64_t>(a) * n;
@@ -196,47 +211,44 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
           }
         }
         for (auto [j, len] : runs)
-          mm(false, false, M, Dn, len * bs, 1.0f, s + j * bs, n, vb + static_cast<int64_t>(tl.keys[k0 + j]) * bs * D, Dn,
-             1.0f, obuf.data(), Dn);
+          mm(false, false, M, Dn, len * bs, 1.0f, s + j * bs, n, V.row(b, h, tl.keys[k0 + j] % R * bs), ldv, 1.0f, obuf.data(), Dn);
       }
       for (int i = 0; i < G; ++i) {
-        const int64_t first = static_cast<int64_t>(rows_t[i]) * bs;
+        const int64_t first = rows_t[i] % R * bs;
         for (int a = 0; a < bs; ++a) {
           const int r = i * bs + a;
           const float inv = 1.0f / sum[r];
-          float* o = op + (b * L + first + a) * D;
+          float* o = O.row(b, h, first + a);
           const float* src = obuf.data() + static_cast<int64_t>(r) * D;
 #pragma omp simd
           for (int d = 0; d < Dn; ++d) o[d] = src[d] * inv;
-          lp[b * L + first + a] = mx[r] + std::log(sum[r]);
+          lp[(b * H + h) * N + first + a] = mx[r] + std::log(sum[r]);
         }
       }
     }
   }
-  return {out, lse};
 }
 
-// Gradients of q, k, v given the upstream gradient, the output and its log-sum-exp. One task per (batch, head),
-// so a head's key gradients have one writer; tiles must come grouped by head (head_ptr: (H + 1) into the tiles).
-std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rows_ptr,
-                                 const at::Tensor& rows, const at::Tensor& keys_ptr, const at::Tensor& keys,
-                                 const at::Tensor& seen, const at::Tensor& order, const at::Tensor& head_ptr,
-                                 int64_t block_size, double scale_) {
-  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && out.is_contiguous() && lse.is_contiguous());
+// Gradients of q, k, v, written into dq, dk, dv (views like q's), given the upstream gradient, the output and its
+// log-sum-exp. One task per (batch, head), so a head's key gradients have one writer; tiles must come grouped by
+// head (head_ptr: (H + 1) into the tiles).
+void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+              const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+              const at::Tensor& rows_ptr, const at::Tensor& rows, const at::Tensor& keys_ptr, const at::Tensor& keys,
+              const at::Tensor& seen, const at::Tensor& order, const at::Tensor& head_ptr, int64_t block_size, double scale_) {
   const Tiles tl = tiles_of(rows_ptr, rows, keys_ptr, keys, seen, order);
   TORCH_CHECK(head_ptr.scalar_type() == at::kInt && head_ptr.is_contiguous());
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "lse: contiguous fp32");
+  const View G_ = view_of(grad, "grad"), Q = view_of(q, "q"), K = view_of(k, "k"), V = view_of(v, "v"), O = view_of(out, "out");
+  const View dQ = view_of(dq, "dq"), dK = view_of(dk, "dk"), dV = view_of(dv, "dv");
   const int32_t* hp = head_ptr.data_ptr<int32_t>();
-  const int64_t H = head_ptr.numel() - 1;
-  const int64_t B = q.size(0), L = q.size(1), D = q.size(2);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(head_ptr.numel() - 1 == H, "head_ptr: one entry per head and one more");
   const int bs = static_cast<int>(block_size), Dn = static_cast<int>(D);
+  const int64_t R = N / bs;
   const float scale = static_cast<float>(scale_);
-  // Not zeroed here, in a pass of its own (under load, its barrier cost a fourth of a light layout's time): a
-  // query block's gradient comes from its one tile and is stored; a head's key gradients are zeroed by its task.
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const float *gp = grad.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(),
-              *vp = v.data_ptr<float>(), *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int ldk = static_cast<int>(K.sn), ldv = static_cast<int>(V.sn), lddk = static_cast<int>(dK.sn), lddv = static_cast<int>(dV.sn);
+  const float* lp = lse.data_ptr<float>();
   const int per_chunk = chunk_blocks(bs);
   // Heads in order of their work, the largest first, so the last ones to finish are short (heads differ: split
   // and interleaved patterns give half the heads another rule).
@@ -254,9 +266,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < B * H; ++i) {
       const int64_t b = heads[i] / H, h = heads[i] % H;
-      const int64_t base = b * L * D, head = L / H * D;
-      std::fill(dkp + base + h * head, dkp + base + (h + 1) * head, 0.0f);
-      std::fill(dvp + base + h * head, dvp + base + (h + 1) * head, 0.0f);
+      // Not zeroed in a pass of its own (under load, its barrier cost a fourth of a light layout's time): a query
+      // block's gradient comes from its one tile and is stored; a head's key gradients are zeroed by its task.
+      for (int64_t n = 0; n < N; ++n) {
+        std::fill(dK.row(b, h, n), dK.row(b, h, n) + D, 0.0f);
+        std::fill(dV.row(b, h, n), dV.row(b, h, n) + D, 0.0f);
+      }
       for (int64_t visit = hp[h]; visit < hp[h + 1]; ++visit) {
         const int64_t t = tl.order[visit];
         const int32_t* rows_t = tl.rows + tl.rows_ptr[t];
@@ -267,17 +282,17 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
         lbuf.resize(M);
         dbuf.resize(M);
         for (int i = 0; i < G; ++i) {
-          const int64_t first = static_cast<int64_t>(rows_t[i]) * bs;
-          std::memcpy(qbuf.data() + static_cast<int64_t>(i) * bs * D, qp + base + first * D, sizeof(float) * bs * D);
-          std::memcpy(gbuf.data() + static_cast<int64_t>(i) * bs * D, gp + base + first * D, sizeof(float) * bs * D);
+          const int64_t first = rows_t[i] % R * bs;
+          gather_rows(qbuf.data() + static_cast<int64_t>(i) * bs * D, Q, b, h, first, bs, Dn);
+          gather_rows(gbuf.data() + static_cast<int64_t>(i) * bs * D, G_, b, h, first, bs, Dn);
           for (int a = 0; a < bs; ++a) {
-            const float* o = op + base + (first + a) * D;
-            const float* g = gp + base + (first + a) * D;
+            const float* o = O.row(b, h, first + a);
+            const float* g = G_.row(b, h, first + a);
             float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
             for (int d = 0; d < Dn; ++d) dot += o[d] * g[d];
             dbuf[i * bs + a] = dot;  // D_i = rowsum(dO * O)
-            lbuf[i * bs + a] = lp[b * L + first + a];
+            lbuf[i * bs + a] = lp[(b * H + h) * N + first + a];
           }
         }
         const int kfirst = tl.keys_ptr[t], klast = tl.keys_ptr[t + 1];
@@ -288,9 +303,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
           float *s = sbuf.data(), *dp = pbuf.data();
           runs_of(tl.keys, k0, k1, runs);
           for (auto [j, len] : runs) {
-            const int64_t at = static_cast<int64_t>(tl.keys[k0 + j]) * bs * D;
-            mm(false, true, M, len * bs, Dn, scale, qbuf.data(), Dn, kp + base + at, Dn, 0.0f, s + j * bs, n);
-            mm(false, true, M, len * bs, Dn, 1.0f, gbuf.data(), Dn, vp + base + at, Dn, 0.0f, dp + j * bs, n);
+            const int64_t at = tl.keys[k0 + j] % R * bs;
+            mm(false, true, M, len * bs, Dn, scale, qbuf.data(), Dn, K.row(b, h, at), ldk, 0.0f, s + j * bs, n);
+            mm(false, true, M, len * bs, Dn, 1.0f, gbuf.data(), Dn, V.row(b, h, at), ldv, 0.0f, dp + j * bs, n);
           }
           mask_chunk(s, n, tl, t, k0, k1, bs);
           for (int a = 0; a < M; ++a) {
@@ -299,29 +314,30 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& q, co
             probs_and_dscores(srow, drow, n, lbuf[a], dbuf[a]);
           }
           for (auto [j, len] : runs) {
-            const int64_t at = static_cast<int64_t>(tl.keys[k0 + j]) * bs * D;
+            const int64_t at = tl.keys[k0 + j] % R * bs;
             const int nk = len * bs;
-            mm(true, false, nk, Dn, M, 1.0f, s + j * bs, n, gbuf.data(), Dn, 1.0f, dvp + base + at, Dn);
-            mm(true, false, nk, Dn, M, scale, dp + j * bs, n, qbuf.data(), Dn, 1.0f, dkp + base + at, Dn);
-            mm(false, false, M, Dn, nk, scale, dp + j * bs, n, kp + base + at, Dn, 1.0f, dqbuf.data(), Dn);
+            mm(true, false, nk, Dn, M, 1.0f, s + j * bs, n, gbuf.data(), Dn, 1.0f, dV.row(b, h, at), lddv);
+            mm(true, false, nk, Dn, M, scale, dp + j * bs, n, qbuf.data(), Dn, 1.0f, dK.row(b, h, at), lddk);
+            mm(false, false, M, Dn, nk, scale, dp + j * bs, n, K.row(b, h, at), ldk, 1.0f, dqbuf.data(), Dn);
           }
         }
         for (int i = 0; i < G; ++i)
-          std::memcpy(dqp + base + static_cast<int64_t>(rows_t[i]) * bs * D, dqbuf.data() + static_cast<int64_t>(i) * bs * D,
-                      sizeof(float) * bs * D);
+          for (int a = 0; a < bs; ++a)
+            std::memcpy(dQ.row(b, h, rows_t[i] % R * bs + a), dqbuf.data() + (static_cast<int64_t>(i) * bs + a) * D,
+                        sizeof(float) * D);
       }
     }
   }
-  return {dq, dk, dv};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(sparse_transformer_cpp, m) {
-  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor rows_ptr, Tensor rows, Tensor keys_ptr, Tensor keys, "
-        "Tensor seen, Tensor order, int block_size, float scale) -> Tensor[]");
-  m.def("backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor rows_ptr, Tensor rows, "
-        "Tensor keys_ptr, Tensor keys, Tensor seen, Tensor order, Tensor head_ptr, int block_size, float scale) -> Tensor[]");
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, Tensor rows_ptr, Tensor rows, "
+        "Tensor keys_ptr, Tensor keys, Tensor seen, Tensor order, int block_size, float scale) -> ()");
+  m.def("backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, "
+        "Tensor(c!) dv, Tensor rows_ptr, Tensor rows, Tensor keys_ptr, Tensor keys, Tensor seen, Tensor order, "
+        "Tensor head_ptr, int block_size, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sparse_transformer_cpp, CPU, m) {

@@ -7,6 +7,12 @@ as flash attention does. Nothing N x N is made and nothing is gathered; memory i
 log-sum-exp. The backward recomputes the probabilities from the log-sum-exp, one (batch, head) per thread, so a
 head's key gradients have one writer. Work is spread over torch's threads with OpenMP.
 
+The kernel reads q, k, v at any strides (rows of D contiguous) and writes its output as ``(B, N, H, D)``:
+``cpp_attention_qkv`` takes a fused projection's ``(B, N, 3, H, D)`` output where it lies and gives the output
+projection its input as it is, and its backward writes the one ``(B, N, 3, H, D)`` gradient that projection
+takes. So a layer copies none of q, k, v, the output or their gradients: at N = 2^20 and d = 192, 6 GiB less
+at the peak of a step (``model/attention/sparse.py`` uses it when the backend is cpp).
+
 It reaches dense SDPA's throughput per tile on the CPU (``bench/results/attention-cpu-sqrt.md``), which the
 ``pieces`` backend, made of calls to SDPA's own kernel, did not. Inputs of any floating dtype are computed in
 fp32 (the output and gradients come back in the input's dtype): bf16 autocast pays in the model's linear layers,
@@ -60,16 +66,36 @@ def available() -> bool:
 def cpp_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
-    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` (H heads of N / bs blocks), on the CPU."""
+    """Causal attention of q, k, v ``[B, H, N, D]`` over the tiles of ``layout`` (H heads of N / bs blocks), on the CPU;
+    the output is a ``[B, H, N, D]`` view of a ``(B, N, H, D)`` tensor."""
     layout = check_inputs(q, k, v, layout, block_size)
+    scale = _check_cpu(q, scale)
+    if layout.is_dense:  # every causal tile: SDPA's causal kernel, no tiles planned
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return _Attention.apply(q, k, v, _tiles(layout, block_size), block_size, scale)
+
+
+@torch.compiler.disable
+def cpp_attention_qkv(qkv: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None) -> torch.Tensor:
+    """``cpp_attention`` of a fused projection's output ``qkv`` ``(B, N, 3, H, D)``; returns ``(B, N, H, D)``. Copies
+    nothing forward or backward: the gradient is one ``(B, N, 3, H, D)`` tensor, what the projection takes."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be [B, N, 3, H, D]; got {list(qkv.shape)}")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, D) views
+    layout = check_inputs(q, k, v, layout, block_size)
+    scale = _check_cpu(q, scale)
+    if layout.is_dense:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(1, 2)
+    return _PackedAttention.apply(qkv, _tiles(layout, block_size), block_size, scale)
+
+
+def _check_cpu(q: torch.Tensor, scale: float | None) -> float:
+    """The scale to use, once the kernel can run on q's device."""
     if q.device.type != "cpu":
         raise ValueError(f"the cpp backend runs on the CPU; q is on {q.device} (use auto, triton or blocks there)")
     if not load():
         raise RuntimeError("the cpp backend's kernel could not be built here (see the warning); use pieces")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if layout.is_dense:  # every causal tile: SDPA's causal kernel, no tiles planned
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return _Attention.apply(q, k, v, _tiles(layout, block_size), block_size, scale)
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
 @per_layout
@@ -137,20 +163,61 @@ def _ops():
     return getattr(torch.ops, OPS_NAMESPACE)
 
 
+def _fp32_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 with rows of D contiguous, what the kernel reads: no copy for an fp32 projection's output."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: Tiles, block_size: int, scale: float):
+    """The kernel's output ``(B, N, H, D)`` fp32 and log-sum-exp ``(B, H * N)`` for fp32 views q, k, v ``(B, H, N, D)``."""
+    B, H, N, D = q.shape
+    out = torch.empty(B, N, H, D, dtype=torch.float32)  # fp32, not the default dtype (bf16-true sets it)
+    lse = torch.empty(B, H * N, dtype=torch.float32)
+    _ops().forward(q, k, v, out.transpose(1, 2), lse, *tiles.forward_args(), block_size, scale)
+    return out, lse
+
+
+def _backward(grad, q, k, v, out, lse, dq, dk, dv, tiles: Tiles, block_size: int, scale: float) -> None:
+    """dq, dk, dv (views like q) of the upstream ``grad`` ``(B, N, H, D)``, for the output ``out`` ``(B, N, H, D)``."""
+    g = _fp32_rows(grad).transpose(1, 2)
+    _ops().backward(g, q, k, v, out.transpose(1, 2), lse, dq, dk, dv, *tiles.backward_args(), block_size, scale)
+
+
 class _Attention(torch.autograd.Function):
+    """q, k, v ``(B, H, N, D)``, each its own tensor -> out, a ``(B, H, N, D)`` view of ``(B, N, H, D)``."""
+
     @staticmethod
     def forward(ctx, q, k, v, tiles: Tiles, block_size: int, scale: float):
-        B, H, N, D = q.shape
-        qf, kf, vf = (t.reshape(B, H * N, D).float().contiguous() for t in (q, k, v))  # (B, H*N, D) fp32
-        out, lse = _ops().forward(qf, kf, vf, *tiles.forward_args(), block_size, scale)
+        qf, kf, vf = (_fp32_rows(t) for t in (q, k, v))
+        out, lse = _forward(qf, kf, vf, tiles, block_size, scale)
         ctx.save_for_backward(qf, kf, vf, out, lse)
-        ctx.tiles, ctx.block_size, ctx.scale, ctx.shape, ctx.dtype = tiles, block_size, scale, q.shape, q.dtype
-        return out.view(B, H, N, D).to(q.dtype)
+        ctx.tiles, ctx.block_size, ctx.scale, ctx.dtype = tiles, block_size, scale, q.dtype
+        return out.to(q.dtype).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad):
         qf, kf, vf, out, lse = ctx.saved_tensors
-        B, H, N, D = ctx.shape
-        gf = grad.reshape(B, H * N, D).float().contiguous()
-        grads = _ops().backward(gf, qf, kf, vf, out, lse, *ctx.tiles.backward_args(), ctx.block_size, ctx.scale)
-        return (*(g.view(ctx.shape).to(ctx.dtype) for g in grads), None, None, None)
+        B, H, N, D = qf.shape
+        grads = [torch.empty(B, N, H, D, dtype=torch.float32).transpose(1, 2) for _ in range(3)]
+        _backward(grad.transpose(1, 2), qf, kf, vf, out, lse, *grads, ctx.tiles, ctx.block_size, ctx.scale)
+        return (*(g.to(ctx.dtype) for g in grads), None, None, None)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """qkv ``(B, N, 3, H, D)`` -> out ``(B, N, H, D)``; the gradient one ``(B, N, 3, H, D)`` tensor."""
+
+    @staticmethod
+    def forward(ctx, qkv, tiles: Tiles, block_size: int, scale: float):
+        qkvf = _fp32_rows(qkv)
+        out, lse = _forward(*qkvf.permute(2, 0, 3, 1, 4), tiles, block_size, scale)
+        ctx.save_for_backward(qkvf, out, lse)
+        ctx.tiles, ctx.block_size, ctx.scale, ctx.dtype = tiles, block_size, scale, qkv.dtype
+        return out.to(qkv.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkvf, out, lse = ctx.saved_tensors
+        dqkv = torch.empty(qkvf.shape, dtype=torch.float32)
+        _backward(grad, *qkvf.permute(2, 0, 3, 1, 4), out, lse, *dqkv.permute(2, 0, 3, 1, 4), ctx.tiles, ctx.block_size, ctx.scale)
+        return dqkv.to(ctx.dtype), None, None, None
