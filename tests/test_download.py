@@ -105,6 +105,7 @@ class Dataset:
     archive_name: str
     target: str  # the file or folder the archive unpacks to
     contents: dict[str, bytes]  # what the target holds, by path under the folder
+    pack: Callable[[dict[str, bytes]], bytes]  # an archive of the dataset's kind holding these
     prepare: Callable[..., Path]
     main: Callable[[list[str]], None]
     attribute: tuple[object, str]  # the module and name of its Remote
@@ -127,28 +128,38 @@ def _bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def _enwik8(monkeypatch) -> Dataset:
-    payload = _bytes(300_000, 0)  # several reads of download.CHUNK
+def _zip(contents: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("enwik8", payload)
+        for name, data in contents.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _tar(contents: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as t:
+        for name, data in contents.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _enwik8(monkeypatch) -> Dataset:
+    payload = _bytes(300_000, 0)  # several reads of download.CHUNK
     monkeypatch.setattr(text, "ENWIK8_SIZE", len(payload))
     monkeypatch.setattr(text, "ENWIK8_MD5", hashlib.md5(payload).hexdigest())
-    return Dataset(buffer.getvalue(), "enwik8.zip", "enwik8", {"enwik8": payload}, text.prepare_enwik8, text.main,
-                   (text, "ENWIK8_ZIP"))  # fmt: skip
+    contents = {"enwik8": payload}
+    return Dataset(_zip(contents), "enwik8.zip", "enwik8", contents, _zip, text.prepare_enwik8, text.main, (text, "ENWIK8_ZIP"))
 
 
 def _cifar10(monkeypatch) -> Dataset:
     files = {name: _bytes(40_000, i) for i, name in enumerate(images.CIFAR10_FILES)}
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as t:
-        for name, data in [*files.items(), ("readme.html", b"<html></html>")]:
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
     monkeypatch.setattr(images, "CIFAR10_FILES", {name: hashlib.md5(data).hexdigest() for name, data in files.items()})
     contents = {f"cifar-10-batches-py/{name}": data for name, data in files.items()}
-    return Dataset(buffer.getvalue(), "cifar-10-python.tar.gz", "cifar-10-batches-py", contents, images.prepare_cifar10,
+    archive = _tar({**contents, "cifar-10-batches-py/readme.html": b"<html></html>"})
+    return Dataset(archive, "cifar-10-python.tar.gz", "cifar-10-batches-py", contents, _tar, images.prepare_cifar10,
                    lambda argv: images.main(["cifar10", *argv]), (images, "CIFAR10_TAR"))  # fmt: skip
 
 
@@ -328,16 +339,31 @@ def test_two_downloads_into_one_folder_at_once(dataset, server, monkeypatch, tmp
     assert "another process downloaded it" in capsys.readouterr().out
 
 
-def test_an_archive_without_the_dataset_leaves_nothing_unpacked(dataset, server, monkeypatch, tmp_path):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("something-else", b"bytes")
-    dataset.archive = buffer.getvalue()  # the checksum the command expects is this archive's
+@pytest.mark.parametrize("fault", ["no dataset", "part of one", "full disk"])
+def test_a_failed_unpack_leaves_nothing_unpacked(dataset, server, monkeypatch, tmp_path, fault):
+    (tmp_path / f".{dataset.target}.killed.tmp").mkdir()  # what an unpack killed midway left: the next removes it
+    contents = dict(dataset.contents)
+    if fault == "no dataset":
+        contents = {"something-else": b"bytes"}
+    if fault == "part of one":
+        last = list(contents)[-1]
+        contents[last] = contents[last][:-1]
+    if fault == "full disk":
+        extract = download.extract
+
+        def extract_until_full(archive: Path, member: str, into: Path) -> None:
+            extract(archive, member, into)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(download, "extract", extract_until_full)
+    dataset.archive = dataset.pack(contents)  # the checksum the command expects is this archive's
     url = dataset.serve(monkeypatch, server)
-    (tmp_path / f".{dataset.target}.killed.tmp").mkdir()  # what an unpack killed midway leaves
     with pytest.raises(InputError) as e:
         dataset.prepare(tmp_path)
-    one_line_naming(e, url, f"holds no complete {dataset.target}")
+    if fault == "full disk":
+        one_line_naming(e, f"{dataset.archive_name}.part", "No space left on device", "free some space")
+    else:
+        one_line_naming(e, url, f"holds no complete {dataset.target}")
     assert [p.name for p in tmp_path.iterdir()] == [f"{dataset.archive_name}.part"]  # verified, kept; nothing unpacked
 
 
