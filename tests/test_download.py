@@ -65,7 +65,7 @@ class Server:
                 if mode == "stall":
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
-                    owner.release.wait()
+                    owner.release.wait(10)  # then closes: a client without a timeout sees a cut, not a stall
                     return
                 if mode == "gate":
                     owner.release.wait()
