@@ -183,7 +183,8 @@ def _fetch(remote: Remote, part: Path, by_hand: str, timeout: float, status: Sta
     except urllib.error.URLError as e:
         if isinstance(e.reason, TimeoutError):
             raise _Broken(f"no answer in {timeout:g} s") from e
-        raise InputError(f"cannot reach {remote.url} ({e.reason}); check the network, or {by_hand}") from e
+        reason = getattr(e.reason, "strerror", None) or e.reason  # "Name or service not known", not "[Errno -2] ..."
+        raise InputError(f"cannot reach {remote.url} ({reason}); check the network, or {by_hand}") from e
     except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
         raise _Broken(_why(e, timeout)) from e
     with response:
