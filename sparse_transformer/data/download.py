@@ -281,10 +281,10 @@ def _unpack(remote: Remote, archive: Path, target: Path, check: Callable[[Path],
             raise InputError(f"{remote.url} passed its checksum but holds no complete {target.name}; {by_hand}")
         os.replace(tmp / target.name, target)
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
-        raise InputError(
-            f"cannot unpack {archive} into {target.parent} ({os.strerror(e.errno) if getattr(e, 'errno', None) else e}); "
-            f"it is kept: free some space and run the command again"
-        ) from e
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        reason = os.strerror(e.errno) if getattr(e, "errno", None) else e
+        advice = "free some space and run the command again" if full else f"run the command again, or {by_hand}"
+        raise InputError(f"cannot unpack {archive} into {target.parent} ({reason}); it is kept: {advice}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
