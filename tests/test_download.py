@@ -114,10 +114,9 @@ class Dataset:
         """Serve ``archive`` (default: the true one) in ``mode``, while the command expects the true one."""
         server.files[self.archive_name] = self.archive if archive is None else archive
         url = server.url(mode, self.archive_name)
-        remote = Remote(url, len(self.archive), "sha256:" + hashlib.sha256(self.archive).hexdigest())
-        if self.attribute[0] is images:  # CIFAR-10 publishes an md5
-            remote = Remote(url, len(self.archive), "md5:" + hashlib.md5(self.archive).hexdigest())
-        monkeypatch.setattr(*self.attribute, remote)
+        algorithm = getattr(*self.attribute).checksum.split(":")[0]  # the one the dataset publishes
+        digest = hashlib.new(algorithm, self.archive).hexdigest()
+        monkeypatch.setattr(*self.attribute, Remote(url, len(self.archive), f"{algorithm}:{digest}"))
         return url
 
     def holds(self, root: Path) -> bool:
