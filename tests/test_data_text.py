@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparse_transformer.data.text as text
+from sparse_transformer.data.download import Remote
 from sparse_transformer.data.text import ByteTextDataModule, Enwik8DataModule
 from sparse_transformer.errors import InputError
 
@@ -94,7 +95,8 @@ def test_enwik8_download_unpacks_verifies_and_splits(tmp_path, monkeypatch):
     archive = tmp_path / "enwik8.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("enwik8", payload)
-    monkeypatch.setattr(text, "ENWIK8_URL", archive.as_uri())
+    sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
+    monkeypatch.setattr(text, "ENWIK8_ZIP", Remote(archive.as_uri(), archive.stat().st_size, f"sha256:{sha256}"))
     monkeypatch.setattr(text, "ENWIK8_SIZE", len(payload))
     monkeypatch.setattr(text, "ENWIK8_MD5", hashlib.md5(payload).hexdigest())
     root = tmp_path / "datasets"

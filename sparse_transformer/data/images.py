@@ -23,12 +23,29 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+from sparse_transformer.data.download import TIMEOUT, Remote, file_checksum, prepare
 from sparse_transformer.data.sequences import SequenceDataModule, files_fingerprint
 from sparse_transformer.errors import InputError, plural, run_cli
 from sparse_transformer.files import atomic_file
 from sparse_transformer.modality import START, Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+# CIFAR-10 as torchvision.datasets.CIFAR10 fetches and reads it (its url, tgz_md5, base_folder and file md5s).
+CIFAR10_TAR = Remote(
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", 170_498_071, "md5:c58f30108f718f92721af3b95e74349a"
+)
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+CIFAR10_UNPACKED = 186_300_000  # bytes, about
 
 
 class ImageBytes(Dataset):
@@ -218,7 +235,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     Args:
         root: folder holding (or to receive) ``cifar-10-batches-py``.
-        download: fetch it with torchvision when absent (163 MB, needs internet).
+        download: fetch it when absent (170 MB, needs internet; :func:`prepare_cifar10`).
     """
 
     def __init__(self, root: str = "data/cifar10", download: bool = False, **kwargs):
@@ -228,9 +245,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            from torchvision.datasets import CIFAR10
-
-            CIFAR10(str(self.root), train=True, download=True)
+            prepare_cifar10(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         from torchvision.datasets import CIFAR10
@@ -239,17 +254,40 @@ class CIFAR10DataModule(ImageDataModule):
             train, test = CIFAR10(str(self.root), train=True), CIFAR10(str(self.root), train=False)
         except RuntimeError as e:
             raise InputError(
-                f"CIFAR-10 not found or corrupt under {self.root}; set data.init_args.download=true to fetch it "
-                f"from https://www.cs.toronto.edu/~kriz/cifar.html"
+                f"CIFAR-10 not found or corrupt under {self.root}; set data.init_args.download=true to fetch it, or "
+                f"run python -m sparse_transformer.data.images cifar10 {self.root}"
             ) from e
         self.train = ImageBytes(ArrayImages(train.data))  # 50,000 images (32, 32, 3)
         self.val = self.test = ImageBytes(ArrayImages(test.data))  # 10,000
 
 
+def cifar10_complete(folder: Path) -> bool:
+    """True when ``folder`` holds CIFAR-10's files with their md5s, False when it is not there; refused when it
+    holds part of them or others (a download unpacked in place, the way torchvision's did, and cut short)."""
+    if not folder.exists():
+        return False
+    for name, md5 in CIFAR10_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"{folder} is not all of CIFAR-10 ({name} is missing): delete it and download again")
+        digest = file_checksum(path, "md5")
+        if digest != md5:
+            raise InputError(f"{path} has md5 {digest}, CIFAR-10's has {md5}: delete {folder} and download again")
+    return True
+
+
+def prepare_cifar10(root: Path, timeout: float = TIMEOUT) -> Path:
+    """Download CIFAR-10 (resumable, md5-checked) and unpack ``cifar-10-batches-py`` into ``root``: the folder
+    appears only when complete, and one there already is checked and kept (``data/download.py``)."""
+    root = Path(root)
+    by_hand = f"fetch {CIFAR10_TAR.name} from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into {root}"
+    return prepare(CIFAR10_TAR, root / CIFAR10_FOLDER, cifar10_complete, CIFAR10_UNPACKED, by_hand, timeout)
+
+
 class ImageNet64DataModule(ImageDataModule):
     """Downsampled ImageNet 64x64 (van den Oord et al. 2016), the version the paper trains on.
 
-    It is not downloadable without an ImageNet account, so the user supplies it: unpack
+    It is not downloadable without an ImageNet account, so there is no download command: the user supplies it, unpacking
     ``train_64x64.tar`` and ``valid_64x64.tar`` (PNG files) from image-net.org under ``root``. The later
     ``.npz`` release (Chrabaszcz et al. 2017) uses another resizing, so its bits/dim are not the paper's.
 
@@ -362,7 +400,21 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--source", choices=("auto", "photos", "drawn"), default="auto",
                       help="photos: crops of scikit-image's photographs; drawn: gradients, discs and bars; auto: photos if scikit-image is installed")  # fmt: skip
     tiny.add_argument("--seed", type=int, default=0)
+    cifar10 = commands.add_parser(
+        "cifar10", help="download CIFAR-10 for configs/cifar10.yaml",
+        description="Download CIFAR-10 (170 MB): resumable, md5-checked, unpacked atomically; nothing to do when it is there.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    cifar10.add_argument(
+        "folder", type=Path, nargs="?", default=Path("data/cifar10"), help="where cifar-10-batches-py goes (created)"
+    )
+    cifar10.add_argument(
+        "--timeout", type=float, default=TIMEOUT, help="seconds without a byte before a connection counts as stalled"
+    )
     args = parser.parse_args(argv)
+    if args.command == "cifar10":
+        prepare_cifar10(args.folder, args.timeout)
+        return
     source = tiny_images(args.folder, args.size, args.count, args.source, args.seed)
     what = f"crops of {', '.join(TINY_PHOTOS)} (scikit-image)" if source == "photos" else "drawn gradients, discs and bars"
     print(f"wrote {args.count} PNGs of {args.size}x{args.size} pixels to {args.folder}/: {what}")

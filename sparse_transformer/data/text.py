@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
-import os
-import sys
-import tempfile
-import urllib.request
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sparse_transformer.data.download import TIMEOUT, Remote, file_checksum, prepare
 from sparse_transformer.data.sequences import SequenceDataModule
 from sparse_transformer.errors import InputError, run_cli
 from sparse_transformer.modality import Text
@@ -23,7 +20,11 @@ from sparse_transformer.modality import Text
 # prose with code; see corpus/README.md. Needs no download, so the quickstart runs offline.
 EMBEDDED_CORPUS = Path(__file__).parent / "corpus" / "python_reference.txt"
 
-ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+# The archive's sha256 as huggingface/datasets (datasets/enwik8/dataset_infos.json) and others record it: the
+# page publishes only the md5 of the unpacked file, and an archive is checked before it is unpacked.
+ENWIK8_ZIP = Remote(
+    "http://mattmahoney.net/dc/enwik8.zip", 36_445_475, "sha256:547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc"
+)
 ENWIK8_SIZE = 100_000_000
 ENWIK8_MD5 = "a1fa5ffddb56f4953e226637dabbb36a"  # published at mattmahoney.net/dc/textdata.html
 
@@ -128,7 +129,7 @@ class Enwik8DataModule(ByteTextDataModule):
 
     Args:
         root: folder holding the ``enwik8`` file (100,000,000 bytes).
-        download: fetch and verify it from mattmahoney.net when absent (needs internet).
+        download: fetch and verify it from mattmahoney.net when absent (needs internet; :func:`prepare_enwik8`).
     """
 
     def __init__(self, root: str = "data/enwik8", download: bool = False, **kwargs):
@@ -136,7 +137,7 @@ class Enwik8DataModule(ByteTextDataModule):
         self.download = download
 
     def prepare_data(self) -> None:
-        if self.download and not self.path.exists():
+        if self.download and not self.path.exists():  # one there is checked in setup, once
             prepare_enwik8(self.path.parent)
 
     def check_file(self) -> None:
@@ -162,32 +163,42 @@ def check_enwik8_size(path: Path) -> None:
 
 def verify_enwik8(path: Path) -> None:
     check_enwik8_size(path)
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "md5").hexdigest()
+    digest = file_checksum(path, "md5")
     if digest != ENWIK8_MD5:
         raise InputError(f"{path} has md5 {digest}, enwik8 has {ENWIK8_MD5}: delete it and download again")
 
 
-def prepare_enwik8(root: Path) -> Path:
-    """Download enwik8.zip, unpack it and verify size and md5; the file appears only when complete."""
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / "enwik8"
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        archive = Path(tmp) / "enwik8.zip"
-        print(f"downloading {ENWIK8_URL} ...")
-        try:
-            urllib.request.urlretrieve(ENWIK8_URL, archive)
-        except OSError as e:  # no network, a refused or cut connection
-            raise InputError(
-                f"cannot download {ENWIK8_URL} ({getattr(e, 'reason', None) or e}); fetch enwik8.zip elsewhere and "
-                f"unpack its enwik8 into {root}"
-            ) from e
-        with zipfile.ZipFile(archive) as z:
-            z.extract("enwik8", tmp)
-        verify_enwik8(Path(tmp) / "enwik8")
-        os.replace(Path(tmp) / "enwik8", target)
-    return target
+def enwik8_complete(path: Path) -> bool:
+    """True when ``path`` is enwik8 (size and md5 checked), False when nothing is there; refused when it is another file."""
+    if not path.exists():
+        return False
+    if not path.is_file():
+        raise InputError(f"{path} is not a file; enwik8 is one file of {ENWIK8_SIZE} bytes: move it away and download again")
+    verify_enwik8(path)
+    return True
+
+
+def prepare_enwik8(root: Path, timeout: float = TIMEOUT) -> Path:
+    """Download enwik8.zip (resumable, sha256-checked), unpack it and check enwik8's size and md5; the file appears
+    only when complete, and one there already is checked and kept (``data/download.py``)."""
+    root = Path(root)
+    by_hand = f"fetch enwik8.zip elsewhere and unpack its enwik8 into {root}"
+    return prepare(ENWIK8_ZIP, root / "enwik8", enwik8_complete, ENWIK8_SIZE, by_hand, timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_transformer.data.text",
+        description="Download enwik8 into a folder: resumable, checksum-checked, unpacked atomically; nothing to do when it is there.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("folder", type=Path, nargs="?", default=Path("data/enwik8"), help="where enwik8 goes (created)")
+    parser.add_argument(
+        "--timeout", type=float, default=TIMEOUT, help="seconds without a byte before a connection counts as stalled"
+    )
+    args = parser.parse_args(argv)
+    prepare_enwik8(args.folder, args.timeout)
 
 
 if __name__ == "__main__":
-    run_cli(lambda: print(f"wrote {prepare_enwik8(Path(sys.argv[1] if len(sys.argv) > 1 else 'data/enwik8'))}"))
+    run_cli(main)
