@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -191,6 +191,8 @@ class SparseTransformerCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as e:
             raise InputError(f"trainer: {' '.join(str(e).split())}") from e
+        if self.subcommand == "fit":
+            check_the_run_has_length(trainer)
         precision = str(config.get("precision"))
         if isinstance(trainer.accelerator, CPUAccelerator) and precision.startswith("16"):
             raise InputError(
@@ -254,6 +256,28 @@ class SparseTransformerCLI(LightningCLI):
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
             return
         raise InputError(watch.report(message)) from error
+
+
+ZERO_TRAINS_NOTHING = {  # Lightning would return from fit at once, silently
+    "max_steps": "a number of steps >= 1, or -1 to let max_epochs decide",
+    "max_epochs": "a number of epochs >= 1",
+    "limit_train_batches": "batches per epoch >= 1, or a fraction of an epoch in (0, 1]",
+}
+
+
+def check_the_run_has_length(trainer: L.Trainer) -> None:
+    """Refuse a fit that would train nothing, or never end: the learning rate's cosine decays to the last step.
+    Without ``max_epochs``, ``max_time`` (Lightning's Timer) leaves the epochs unlimited, as fit will."""
+    for name, allowed in ZERO_TRAINS_NOTHING.items():
+        if getattr(trainer, name) == 0:
+            raise InputError(f"trainer.{name}={getattr(trainer, name)} trains nothing; give {allowed} (train.py validate evaluates without training)")
+    timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)
+    if trainer.max_steps == -1 and (trainer.max_epochs == -1 or trainer.max_epochs is None and timed):
+        epochs = "max_epochs=-1" if trainer.max_epochs == -1 else "max_time without max_epochs"
+        raise InputError(
+            f"trainer.max_steps=-1 and {epochs} give the run no last step, and the learning rate decays to it; set "
+            "trainer.max_steps or trainer.max_epochs (trainer.max_time can still stop the run sooner)"
+        )
 
 
 def close_process_group() -> None:
