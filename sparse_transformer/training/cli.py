@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sparse_transformer.errors import InputError, input_error, one_line
-from sparse_transformer.files import write_atomic
+from sparse_transformer.files import check_folder, reason, write_atomic
 from sparse_transformer.model.kernels import get_backend, resolve_backend
 from sparse_transformer.model.kernels.selfcheck import try_backend
 from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
@@ -99,7 +99,11 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, "fit")
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        write_atomic(Path(trainer.default_root_dir) / "config.yaml", self.parser.dump(self.config, skip_none=False))
+        path = Path(trainer.default_root_dir) / "config.yaml"
+        try:
+            write_atomic(path, self.parser.dump(self.config, skip_none=False))
+        except OSError as e:  # the disk filled since the folder was checked
+            raise InputError(f"{path} cannot be written: {reason(e)}") from e
 
 
 class SparseTransformerCLI(LightningCLI):
@@ -155,6 +159,8 @@ class SparseTransformerCLI(LightningCLI):
         section = self.config.get(self.config.get("subcommand") or "", self.config)
         if section.trainer.default_root_dir is None:
             section.trainer.default_root_dir = str(folder_for(section.get("config") or []))
+        if self.config.get("subcommand") in ("validate", "test"):  # they write config.yaml and metrics there too
+            check_folder(section.trainer.default_root_dir, "run folder")
         if self.config.get("subcommand") == "fit":
             fit = self.config.fit
             if launched_as_rank_zero():  # before anything reads the folder: a live run in it is named first

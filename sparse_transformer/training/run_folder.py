@@ -27,7 +27,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.files import check_folder
+from sparse_transformer.files import check_folder, reason
 
 LOCK = "run.lock"
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
@@ -44,8 +44,16 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
+        """Hold the folder, or refuse in one line, leaving nothing (the disk may fill between the check and the lock)."""
         check_folder(self.folder, "run folder")
         self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()][::-1]
+        try:
+            return self._lock()
+        except OSError as e:
+            self.release()
+            raise InputError(f"run folder {self.folder} cannot be written: {reason(e)}") from e
+
+    def _lock(self) -> RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
