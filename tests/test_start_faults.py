@@ -87,6 +87,7 @@ def test_a_config_yaml_that_cannot_be_written_is_one_line(capsys, tmp_path, monk
             "trainer.max_steps=-1 and max_time without max_epochs give the run no last step",
         ),
     ],
+    ids=["max_steps-0", "max_epochs-0", "limit_train_batches-0", "no-end", "max_time-alone"],
 )
 def test_a_run_that_trains_nothing_or_never_ends_is_refused_before_anything_is_written(capsys, tmp_path, args, message):
     assert start(capsys, "fit", tmp_path / "run", *args).startswith(f"error: {message}")
