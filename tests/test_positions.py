@@ -59,9 +59,18 @@ def test_the_paper_enwik8_positions_are_the_default():
 
 def test_a_checkpoint_with_a_long_1d_table_still_loads(tmp_path):
     """A checkpoint carries its resolved positions: one saved before long text was factorized loads as it was."""
-    network = ModelConfig(seq_len=16384, d_model=16, n_layers=1, n_heads=2, pattern=AttentionPattern("strided", block_size=64, stride=128), positions=(16384,))
+    network = ModelConfig(
+        seq_len=16384,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        pattern=AttentionPattern("strided", block_size=64, stride=128),
+        positions=(16384,),
+    )
     lm = SparseTransformerLM(network)
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams), "pytorch-lightning_version": L.__version__}, path)
+    torch.save(
+        {"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams), "pytorch-lightning_version": L.__version__}, path
+    )
     loaded = sample.load_model(str(path), "cpu")
     assert loaded.model.config.positions == (16384,) and torch.equal(loaded.model.pos.tables[0], lm.model.pos.tables[0])

@@ -71,8 +71,14 @@ def test_a_config_yaml_that_cannot_be_written_is_one_line(capsys, tmp_path, monk
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--trainer.max_steps", "0"], "trainer.max_steps=0 trains nothing; give a number of steps >= 1, or -1 to let max_epochs decide"),
-        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "0"], "trainer.max_epochs=0 trains nothing; give a number of epochs >= 1"),
+        (
+            ["--trainer.max_steps", "0"],
+            "trainer.max_steps=0 trains nothing; give a number of steps >= 1, or -1 to let max_epochs decide",
+        ),
+        (
+            ["--trainer.max_steps", "-1", "--trainer.max_epochs", "0"],
+            "trainer.max_epochs=0 trains nothing; give a number of epochs >= 1",
+        ),
         (
             ["--trainer.limit_train_batches", "0"],
             "trainer.limit_train_batches=0 trains nothing; give batches per epoch >= 1, or a fraction of an epoch in (0, 1]",

@@ -275,8 +275,8 @@ def check_the_run_has_length(trainer: L.Trainer) -> None:
     """Refuse a fit that would train nothing, or never end: the learning rate's cosine decays to the last step.
     Without ``max_epochs``, ``max_time`` (Lightning's Timer) leaves the epochs unlimited, as fit will."""
     for name, allowed in ZERO_TRAINS_NOTHING.items():
-        if getattr(trainer, name) == 0:
-            raise InputError(f"trainer.{name}={getattr(trainer, name)} trains nothing; give {allowed} (train.py validate evaluates without training)")
+        if (value := getattr(trainer, name)) == 0:
+            raise InputError(f"trainer.{name}={value} trains nothing; give {allowed} (train.py validate evaluates without training)")
     timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)
     if trainer.max_steps == -1 and (trainer.max_epochs == -1 or trainer.max_epochs is None and timed):
         epochs = "max_epochs=-1" if trainer.max_epochs == -1 else "max_time without max_epochs"
