@@ -12,7 +12,7 @@ Shared here, in one place, so configs say only what differs:
 
 The run (``run.py``: its folder, the checkpoint it resumes from, its seed) is made once from the command line
 and passed to the callbacks that need it and to ``fit``; its folder is checked and locked first, and written
-only once every start check passed (``run_folder.py``). In a run of several processes a failure on any of
+only once every start check passed (``run_folder.py``), a trainer that would train nothing or never end among them. In a run of several processes a failure on any of
 them ends all of them at once (``distributed.py``). SIGTERM and SIGINT stop it at any phase (``signals.py``).
 """
 
@@ -276,7 +276,7 @@ def check_the_run_has_length(trainer: L.Trainer) -> None:
     Without ``max_epochs``, ``max_time`` (Lightning's Timer) leaves the epochs unlimited, as fit will."""
     for name, allowed in ZERO_TRAINS_NOTHING.items():
         if (value := getattr(trainer, name)) == 0:
-            raise InputError(f"trainer.{name}={value} trains nothing; give {allowed} (train.py validate evaluates without training)")
+            raise InputError(f"trainer.{name}={value} trains nothing; give {allowed} (train.py validate only evaluates)")
     timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)
     if trainer.max_steps == -1 and (trainer.max_epochs == -1 or trainer.max_epochs is None and timed):
         epochs = "max_epochs=-1" if trainer.max_epochs == -1 else "max_time without max_epochs"

@@ -2,7 +2,7 @@
 run's start checks passed.
 
 - Checked (``files.check_folder``), when the command line is read: it exists or can be created, is a folder,
-  can be written; and, once the model is built, has room for one checkpoint of it.
+  can be written (a full disk cannot); and, once the model is built, has room for one checkpoint of it.
 - Held: the run's rank 0 holds an exclusive lock on ``<run folder>/run.lock`` (``flock``) for as long as it
   runs, so a second run started in the same folder, even at the same moment, is refused in one line naming the
   process that holds it. The kernel releases the lock when its holder dies, so a lock left by a killed run
