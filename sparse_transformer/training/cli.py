@@ -12,8 +12,9 @@ Shared here, in one place, so configs say only what differs:
 
 The run (``run.py``: its folder, the checkpoint it resumes from, its seed) is made once from the command line
 and passed to the callbacks that need it and to ``fit``; its folder is checked and locked first, and written
-only once every start check passed (``run_folder.py``), a trainer that would train nothing or never end among them. In a run of several processes a failure on any of
-them ends all of them at once (``distributed.py``). SIGTERM and SIGINT stop it at any phase (``signals.py``).
+only once every start check passed (``run_folder.py``; a trainer that would train nothing or never end is
+refused among them). In a run of several processes a failure on any of them ends all of them at once
+(``distributed.py``). SIGTERM and SIGINT stop it at any phase (``signals.py``).
 """
 
 from __future__ import annotations
