@@ -52,8 +52,9 @@ def _umask() -> int:
 
 def check_folder(folder: Path, what: str, room: int = 0, needs: str = "") -> None:
     """Refuse, in one line naming ``folder``, a folder that cannot take what a command will write: one that is a
-    file, cannot be created or written (permissions, a read-only file system), or has less than ``room`` bytes
-    free (``needs`` says for what). Nothing is left behind: the write test is a temporary file, removed."""
+    file, cannot be created or written (permissions, a read-only file system, a full disk), or has less than
+    ``room`` bytes free (``needs`` says for what). Nothing is left behind: the write test is a temporary file of
+    one byte (a full disk still takes an empty file), removed."""
     folder = Path(folder)
     try:
         existing = next(p for p in (folder, *folder.parents) if p.exists())
@@ -64,11 +65,14 @@ def check_folder(folder: Path, what: str, room: int = 0, needs: str = "") -> Non
         raise InputError(f"{what} {folder} {where}; give a folder")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-test-", suffix=TEMPORARY_SUFFIX)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         doing = "written" if existing == folder else f"created in {existing}"
-        raise InputError(f"{what} {folder} cannot be {doing}: {_reason(e)}") from e
+        raise InputError(f"{what} {folder} cannot be {doing}: {reason(e)}") from e
     check_room(folder, what, room, needs, existing)
 
 
@@ -83,7 +87,8 @@ def check_room(folder: Path, what: str, room: int, needs: str = "", existing: Pa
         )
 
 
-def _reason(error: OSError) -> str:
+def reason(error: OSError) -> str:
+    """Why the file system refused, in words for a one-line message."""
     reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}  # fmt: skip
     return reasons.get(error.errno, error.strerror or type(error).__name__)

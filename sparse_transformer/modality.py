@@ -59,7 +59,8 @@ class Modality:
         return sqrt_stride(seq_len, block_size)
 
     def positions(self, seq_len: int, stride: int | None) -> tuple[int, ...] | None:
-        """Axes of the factorized positional embedding when the config leaves them out (None: 1-D)."""
+        """Axes of the factorized positional embedding when the config leaves them out (None: the model's default,
+        ``config.default_positions``: 1-D for a short context, a matrix for a long one)."""
         return None
 
     def prompt(self, text: str | None = None, file: Path | None = None) -> list[int]:

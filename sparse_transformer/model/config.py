@@ -80,7 +80,10 @@ class ModelConfig:
         hourglass: arrange the blocks as a hierarchy of shortened levels, e.g. ``spec: "2@1 4@3 2@1"``.
         positions: axes of the factorized positional embedding, multiplying to seq_len. None derives them
             from the data: (rows, cols, channels) for images, a matrix as wide as the stride for audio
-            (section 5.1), 1-D for text.
+            (section 5.1); for text a 1-D table up to ``LONG_CONTEXT`` (8,192) positions and, beyond, a matrix
+            as wide as the stride (the divisor of seq_len nearest it; about sqrt(N) without one), as the
+            paper's enwik8 ([96, 128] at 12,288): at N = 2^20 with the default stride, (1024, 1024), 2,048 vectors
+            instead of 1,048,576. ``[N]`` asks for a 1-D table at any length.
         recompute: recompute each block's activations in the backward pass instead of storing them,
             trading about a third more compute for memory that no longer grows with depth.
         compile: ``torch.compile`` each block for training and evaluation (Inductor: norms, projections and
@@ -154,7 +157,7 @@ class ModelConfig:
 
         The pattern's stride is its own, else ``stride`` (the data's choice; ``source`` names the data in
         messages), else about sqrt(N) in whole blocks (section 4.2); the positional axes are the config's own,
-        else ``positions``, else 1-D. Resolving a resolved config changes nothing.
+        else ``positions``, else :func:`default_positions`. Resolving a resolved config changes nothing.
         """
         n, pattern = self.context, self.pattern
         pattern.check(n)
@@ -166,7 +169,7 @@ class ModelConfig:
                 raise ConfigError(f"{e} (stride {stride} follows from the {source}); set pattern.stride") from e
         if pattern.needs_stride and pattern.stride > n:
             raise ConfigError(f"pattern stride={pattern.stride} is longer than the context seq_len={n}; use a shorter stride")
-        positions = self.positions or positions or (n,)
+        positions = self.positions or positions or default_positions(n, pattern.stride)
         if math.prod(positions) != n:
             raise ConfigError(
                 f"positions={list(positions)} multiply to {math.prod(positions)}, but the data's seq_len is {n}; "
@@ -174,6 +177,21 @@ class ModelConfig:
             )
         resolved = dataclasses.replace(self, pattern=pattern, positions=tuple(positions))
         return self if resolved == self else resolved
+
+
+LONG_CONTEXT = 8192  # longer contexts get factorized positions by default
+
+
+def default_positions(n: int, stride: int | None) -> tuple[int, ...]:
+    """Positional axes for a context of ``n`` when neither the config nor the data gives them: 1-D up to
+    ``LONG_CONTEXT``, beyond it (rows, cols) with cols the divisor of n nearest the stride (or sqrt(n)), so the
+    tables hold about 2 sqrt(n) vectors instead of n."""
+    if n <= LONG_CONTEXT:
+        return (n,)
+    target = stride or math.isqrt(n)
+    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
+    cols = min(divisors, key=lambda d: (abs(d - target), d))
+    return (n // cols, cols)
 
 
 def _not_int(value: object) -> bool:

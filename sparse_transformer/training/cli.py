@@ -12,8 +12,9 @@ Shared here, in one place, so configs say only what differs:
 
 The run (``run.py``: its folder, the checkpoint it resumes from, its seed) is made once from the command line
 and passed to the callbacks that need it and to ``fit``; its folder is checked and locked first, and written
-only once every start check passed (``run_folder.py``). In a run of several processes a failure on any of
-them ends all of them at once (``distributed.py``). SIGTERM and SIGINT stop it at any phase (``signals.py``).
+only once every start check passed (``run_folder.py``; a trainer that would train nothing or never end is
+refused among them). In a run of several processes a failure on any of them ends all of them at once
+(``distributed.py``). SIGTERM and SIGINT stop it at any phase (``signals.py``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from typing import Any, NoReturn
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from sparse_transformer.errors import InputError, input_error, one_line
-from sparse_transformer.files import write_atomic
+from sparse_transformer.files import check_folder, reason, write_atomic
 from sparse_transformer.model.kernels import get_backend, resolve_backend
 from sparse_transformer.model.kernels.selfcheck import try_backend
 from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
@@ -99,7 +100,11 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, "fit")
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        write_atomic(Path(trainer.default_root_dir) / "config.yaml", self.parser.dump(self.config, skip_none=False))
+        path = Path(trainer.default_root_dir) / "config.yaml"
+        try:
+            write_atomic(path, self.parser.dump(self.config, skip_none=False))
+        except OSError as e:  # the disk filled since the folder was checked
+            raise InputError(f"{path} cannot be written: {reason(e)}") from e
 
 
 class SparseTransformerCLI(LightningCLI):
@@ -155,6 +160,8 @@ class SparseTransformerCLI(LightningCLI):
         section = self.config.get(self.config.get("subcommand") or "", self.config)
         if section.trainer.default_root_dir is None:
             section.trainer.default_root_dir = str(folder_for(section.get("config") or []))
+        if self.config.get("subcommand") in ("validate", "test"):  # they write config.yaml and metrics there too
+            check_folder(section.trainer.default_root_dir, "run folder")
         if self.config.get("subcommand") == "fit":
             fit = self.config.fit
             if launched_as_rank_zero():  # before anything reads the folder: a live run in it is named first
@@ -191,6 +198,8 @@ class SparseTransformerCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as e:
             raise InputError(f"trainer: {' '.join(str(e).split())}") from e
+        if self.subcommand == "fit":
+            check_the_run_has_length(trainer)
         precision = str(config.get("precision"))
         if isinstance(trainer.accelerator, CPUAccelerator) and precision.startswith("16"):
             raise InputError(
@@ -254,6 +263,28 @@ class SparseTransformerCLI(LightningCLI):
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
             return
         raise InputError(watch.report(message)) from error
+
+
+ZERO_TRAINS_NOTHING = {  # Lightning would return from fit at once, silently
+    "max_steps": "a number of steps >= 1, or -1 to let max_epochs decide",
+    "max_epochs": "a number of epochs >= 1",
+    "limit_train_batches": "batches per epoch >= 1, or a fraction of an epoch in (0, 1]",
+}
+
+
+def check_the_run_has_length(trainer: L.Trainer) -> None:
+    """Refuse a fit that would train nothing, or never end: the learning rate's cosine decays to the last step.
+    Without ``max_epochs``, ``max_time`` (Lightning's Timer) leaves the epochs unlimited, as fit will."""
+    for name, allowed in ZERO_TRAINS_NOTHING.items():
+        if (value := getattr(trainer, name)) == 0:
+            raise InputError(f"trainer.{name}={value} trains nothing; give {allowed} (train.py validate only evaluates)")
+    timed = any(isinstance(callback, Timer) for callback in trainer.callbacks)
+    if trainer.max_steps == -1 and (trainer.max_epochs == -1 or trainer.max_epochs is None and timed):
+        epochs = "max_epochs=-1" if trainer.max_epochs == -1 else "max_time without max_epochs"
+        raise InputError(
+            f"trainer.max_steps=-1 and {epochs} give the run no last step, and the learning rate decays to it; set "
+            "trainer.max_steps or trainer.max_epochs (trainer.max_time can still stop the run sooner)"
+        )
 
 
 def close_process_group() -> None:

@@ -2,7 +2,7 @@
 run's start checks passed.
 
 - Checked (``files.check_folder``), when the command line is read: it exists or can be created, is a folder,
-  can be written; and, once the model is built, has room for one checkpoint of it.
+  can be written (a full disk cannot); and, once the model is built, has room for one checkpoint of it.
 - Held: the run's rank 0 holds an exclusive lock on ``<run folder>/run.lock`` (``flock``) for as long as it
   runs, so a second run started in the same folder, even at the same moment, is refused in one line naming the
   process that holds it. The kernel releases the lock when its holder dies, so a lock left by a killed run
@@ -27,7 +27,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger
 
 from sparse_transformer.errors import InputError
-from sparse_transformer.files import check_folder
+from sparse_transformer.files import check_folder, reason
 
 LOCK = "run.lock"
 UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
@@ -44,8 +44,16 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
+        """Hold the folder, or refuse in one line, leaving nothing (the disk may fill between the check and the lock)."""
         check_folder(self.folder, "run folder")
         self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()][::-1]
+        try:
+            return self._lock()
+        except OSError as e:
+            self.release()
+            raise InputError(f"run folder {self.folder} cannot be written: {reason(e)}") from e
+
+    def _lock(self) -> RunLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         while self.fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
