@@ -360,20 +360,24 @@ def main() -> None:
     rows = []
     out = args.out or ROOT / "bench" / "results" / "peers-cpu.md"
     for n, batch, steps in cases:
-        for r in range(args.rounds):
-            for side in sides if r % 2 == 0 else sides[::-1]:
-                row = {**run_in_subprocess(side, n, batch, steps, args), "round": r}
-                rows.append(row)
-                bits = "" if row["bits"] is None else f", {row['bits']:.3f} bits/byte"
-                print(
-                    f"N={n} batch={batch} round {r}: {LABELS[side]}: {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_mib']:.0f} MiB "
-                    f"({row['growth_mib']:.0f} working){bits}, load before {row['load']}, {row['wall_s']:.0f} s",
-                    flush=True,
-                )
+        for r, side in run_order(sides, args.rounds):
+            row = {**run_in_subprocess(side, n, batch, steps, args), "round": r}
+            rows.append(row)
+            bits = "" if row["bits"] is None else f", {row['bits']:.3f} bits/byte"
+            print(
+                f"N={n} batch={batch} round {r}: {LABELS[side]}: {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_mib']:.0f} MiB "
+                f"({row['growth_mib']:.0f} working){bits}, load before {row['load']}, {row['wall_s']:.0f} s",
+                flush=True,
+            )
         command = shlex.join(["python", "bench/peers.py", *sys.argv[1:]])
         text = report(rows, args, command, started, (first_load, load_average()))
         write_atomic(out, text)  # after every N, so a long run's finished contexts are kept
     print(f"\n{text}\nwritten to {out}")
+
+
+def run_order(sides: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, side) in the order they run: the sides' order reversed every round, so none always goes first."""
+    return [(r, side) for r in range(rounds) for side in (sides if r % 2 == 0 else sides[::-1])]
 
 
 def parse_cases(cases: list[str], steps: int, skip: int) -> list[tuple[int, int, int]]:
