@@ -272,7 +272,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
         "round's ratio to the peer's run in that round. step ms: the median step of the rounds' median steps and its "
         "segments (forward + loss, backward, optimizer with clipping, and between: data, logging, hooks; `bench/loop.py`). "
         "held-out bits/byte: every validation window of the corpus (its 5% before the test split), final weights, one code "
-        "path for both; the same every round.",
+        "path for both: the median over rounds.",
         "",
         "| N | model | imports | peak RSS MiB | x plain peer | working MiB | x plain peer | after imports MiB |",
         "|---:|---|---|---:|---:|---:|---:|---:|",
