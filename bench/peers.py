@@ -17,7 +17,8 @@ A third process trains the peer as a user's plain script does (``bench/plain_pee
 x-transformers only), for the memory a user of the peer sees; the peer above shares our harness's imports.
 
 Every run is its own process, so memory peaks are per run. Each N runs ``--rounds`` rounds, the order of the
-sides reversed every round (peer first in round 0, ours first in round 1, ...); the record gives the median
+sides reversed every round (peer, ours, plain script in round 0; the other way round in round 1, ...), so
+neither side always runs first, on a machine warmer or busier than the other's; the record gives the median
 over rounds and the spread (min-max), and lists every run in order with the load average before it.
 Figures per run:
 
