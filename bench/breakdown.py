@@ -195,7 +195,7 @@ def run_in_subprocess(side: str, n: int, batch: int, steps: int, skip: int) -> d
 
 
 def table(runs: list[dict[str, Any]]) -> list[str]:
-    """One case: each part's median over rounds (min-max) per side, ours less the peer's per round, and each
+    """One case: each part's median over rounds (min to max) per side, ours less the peer's per round, and each
     part's share of its side's step."""
     peer = [r["ms"] for r in runs if r["side"] == "peer"]
     ours = [r["ms"] for r in runs if r["side"] == "ours"]
@@ -229,7 +229,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
         f"- date: {started}; torch {torch.__version__}; float32; load average (1, 5, 15 min) before the first run: {loads[0]}, "
         f"after the last: {loads[1]}",
         f"- ran: {args.rounds} round(s) per case, each run its own process, {order}; the first {args.skip} steps of a run not "
-        "timed; each figure is a run's median step, then the median over rounds (min-max)",
+        "timed; each figure is a run's median step, then the median over rounds (min to max)",
         "- both trained as `bench/peers.py` trains them: ours through `train.py fit` (every callback and logger), the peer "
         "(x-transformers, flash SDPA) in a plain loop; the parts are defined in `bench/breakdown.py`'s docstring",
     ]

@@ -19,7 +19,7 @@ x-transformers only), for the memory a user of the peer sees; the peer above sha
 Every run is its own process, so memory peaks are per run. Each N runs ``--rounds`` rounds, the order of the
 sides reversed every round (peer, ours, plain script in round 0; the other way round in round 1, ...), so
 neither side always runs first, on a machine warmer or busier than the other's; the record gives the median
-over rounds and the spread (min-max), and lists every run in order with the load average before it.
+over rounds and the spread (min to max), and lists every run in order with the load average before it.
 Figures per run:
 
 - training tokens/s: tokens of the steps after the first ``--skip`` over their time, from one batch's
@@ -225,9 +225,9 @@ def density(n: int) -> float:
 
 
 def spread(values: list[float], fmt: str) -> str:
-    """The median, and the range where there is more than one value: ``1.20 (1.15-1.22)``."""
+    """The median, and the range where there is more than one value: ``1.20 (1.15 to 1.22)``."""
     median = format(statistics.median(values), fmt)
-    return median if len(values) == 1 else f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return median if len(values) == 1 else f"{median} ({format(min(values), fmt)} to {format(max(values), fmt)})"
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, started: str, loads: tuple[str, str]) -> str:
@@ -269,7 +269,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
     lines += [
         "",
         "tokens/s: training tokens of the timed steps over their time, from one batch's start to the next's (data, hooks, "
-        "logging and checkpoint writes included): the median over rounds (min-max). x peer: the median (min-max) of each "
+        "logging and checkpoint writes included): the median over rounds (min to max). x peer: the median (min to max) of each "
         "round's ratio to the peer's run in that round. step ms: the median step of the rounds' median steps and its "
         "segments (forward + loss, backward, optimizer with clipping, and between: data, logging, hooks; `bench/loop.py`). "
         "held-out bits/byte: every validation window of the corpus (its 5% before the test split), final weights, one code "
@@ -292,7 +292,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, s
         "peak RSS: the process's resident high-water mark, the whole process, as a user sees it; working: that peak less "
         "the process's size once its libraries were imported, before the model was built (model, optimizer, activations, "
         "data, and for ours the loggers Lightning starts); x plain peer: each round's ratio to the plain script's run; "
-        "median over rounds (min-max).",
+        "median over rounds (min to max).",
         "",
         "| N | round | model | load before (1, 5, 15 min) | tokens/s | peak RSS MiB | wall s |",
         "|---:|---:|---|---|---:|---:|---:|",
