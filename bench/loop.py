@@ -1,5 +1,5 @@
 """What bench/overhead.py and bench/peers.py share: the training loop one writes by hand, the same loop's
-time split into segments, held-out bits per byte, and resident memory.
+time split into segments, and held-out bits per byte.
 
 A step's marks: when its batch is in hand, when the loss is computed, when the backward ends, when the
 optimizer (clipping, step, schedule) ends; the next step's first mark closes it. So a step splits into
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -108,16 +105,3 @@ def held_out_bits(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: It
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
     return total / count / math.log(2)
-
-
-def current_rss() -> int:
-    """Resident set size in bytes now (Linux /proc; 0 elsewhere)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def peak_rss() -> int:
-    """The process's resident-memory high-water mark in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -93,20 +93,27 @@ def training_curves(curves: dict[str, list[dict]], path: Path, title: str) -> st
 def peers(summary: dict[str, dict[int, dict]], path: Path, title: str) -> str:
     """Tokens/s, peak memory above imports and held-out bits/byte against N, one line per model.
 
-    ``summary``: side (``peer``, ``ours``, ``dense``) -> N -> a row of bench/peers.py.
+    ``summary``: side (``peer``, ``plain``, ``ours``, ``dense``) -> N -> a row of bench/peers.py (the plain
+    script's has no bits).
     """
     plt = _pyplot()
     if plt is None:
         return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
-    labels = {"peer": "x-transformers (dense, flash SDPA)", "ours": "ours (sparse)", "dense": "ours (dense pattern)"}
-    panels = (("tokens_per_s", "training tokens/s"), ("growth_mib", "peak RSS above imports (MiB)"), ("bits", "held-out bits/byte"))
+    labels = {
+        "peer": "x-transformers (dense, flash SDPA)",
+        "plain": "x-transformers, plain script",
+        "ours": "ours (sparse)",
+        "dense": "ours (dense pattern)",
+    }
+    panels = (("tokens_per_s", "training tokens/s"), ("growth_mib", "working memory (MiB)"), ("bits", "held-out bits/byte"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), layout="constrained")
     for ax, (key, label) in zip(axes, panels):
         for side, rows in summary.items():
-            ns = sorted(rows)
-            ax.plot(ns, [rows[n][key] for n in ns], marker="o", label=labels.get(side, side))
+            ns = [n for n in sorted(rows) if rows[n][key] is not None]
+            if ns:
+                ax.plot(ns, [rows[n][key] for n in ns], marker="o", label=labels.get(side, side))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("context N (batch 16, 2, 1)")
+        ax.set_xlabel("context N")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

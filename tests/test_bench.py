@@ -3,12 +3,16 @@ or grow by a known law."""
 
 import itertools
 import math
+import time
 
 import pytest
+import torch
 
+from bench.breakdown import PARTS, Timeline, our_boundaries, peer_boundaries, step_parts
+from bench.peers import run_order
 from commands import run
-
-pytestmark = pytest.mark.slow
+from sparse_transformer.model import ModelConfig, SparseTransformer
+from sparse_transformer.model.patterns import AttentionPattern
 
 
 def table_rows(text: str, header: str) -> list[list[str]]:
@@ -17,6 +21,7 @@ def table_rows(text: str, header: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
+@pytest.mark.slow
 def test_sampling_bench_counts_one_prefill_per_slide(tmp_path):
     out = tmp_path / "sampling.md"
     args = ["--seq-lens", "128", "--new-tokens", "2", "--past-seq-len", "128", "--past", "2", "3", "--slides", "32", "64"]
@@ -31,6 +36,7 @@ def test_sampling_bench_counts_one_prefill_per_slide(tmp_path):
         assert int(prefills) == 1 + math.ceil((length - n) / slide)  # the first window, then one per slide
 
 
+@pytest.mark.slow
 def test_attention_bench_writes_a_table_and_a_plot(tmp_path):
     out = tmp_path / "attention.md"
     args = ["--device", "cpu", "--seq-lens", "128", "256", "--heads", "2", "--head-dim", "16", "--block-size", "16"]
@@ -42,6 +48,7 @@ def test_attention_bench_writes_a_table_and_a_plot(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_memory_bench_sees_the_reference_grow_quadratically(tmp_path):
     out = tmp_path / "memory.md"
     args = ["--seq-lens", "256", "512", "--heads", "2", "--head-dim", "16", "--block-size", "16", "--layouts", "strided"]
@@ -56,21 +63,97 @@ def test_memory_bench_sees_the_reference_grow_quadratically(tmp_path):
     assert float(held["pieces", "strided"][1]) > float(held["pieces", "strided"][0]) > 0  # its masks, counted
 
 
+@pytest.mark.slow
 def test_peers_bench_trains_both_models_on_the_same_budget(tmp_path):
     pytest.importorskip("x_transformers", reason="bench/peers.py needs the peers extra: pip install -e '.[peers]'")
     out = tmp_path / "peers.md"
-    result = run("bench/peers.py", "--cases", "64:2:4", "--skip", "1", "--out", str(out))
+    result = run("bench/peers.py", "--cases", "64:2:4", "--skip", "1", "--rounds", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {r[3]: r for r in table_rows(out.read_text(), "| N | batch | steps | model |")}
-    assert set(rows) == {"peer", "ours"}
-    for row in rows.values():
-        n, batch, steps, _, _, tokens_per_s, _, _, peak, _, growth, _, bits, _ = row
+    text = out.read_text()
+    rows = {r[3]: r for r in table_rows(text, "| N | batch | steps | model |")}
+    assert set(rows) == {"peer", "peer, plain script", "ours"}
+    for side, row in rows.items():
+        n, batch, steps, _, _, tokens_per_s, _, _, bits, _ = row
         assert (n, batch, steps) == ("64", "2", "4")
-        assert float(tokens_per_s.replace(",", "")) > 0 and float(peak) > float(growth) > 0
-        assert 0 < float(bits) < 9  # bits per byte of a barely trained model: about 8, never more than 9
+        assert float(tokens_per_s.replace(",", "")) > 0
+        if side != "peer, plain script":  # it has no validation split
+            assert 0 < float(bits) < 9  # bits per byte of a barely trained model: about 8, never more than 9
+    memory = {r[1]: r for r in table_rows(text, "| N | model | imports |")}
+    assert memory["peer, plain script"][2] == "torch, x-transformers"
+    for _, _, _, peak, _, working, _, after_imports in memory.values():
+        assert float(peak) > float(after_imports) > 0 and float(peak) > float(working) > 0
+    runs = table_rows(text, "| N | round | model | load before")
+    assert [r[2] for r in runs] == ["peer", "ours", "peer, plain script"]  # round 0: the peer first
+    assert all(len(r[3].split()) == 3 for r in runs)  # the load before each run
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_runs_alternate_which_side_goes_first():
+    sides = ["peer", "ours", "plain"]
+    order = run_order(sides, 3)
+    assert [[s for r, s in order if r == i] for i in range(3)] == [sides, sides[::-1], sides]
+
+
+def test_step_parts_give_every_moment_of_a_step_to_one_part():
+    marks = [[0.0, 10.0, 20.0, 25.0], [30.0]]  # start, loss computed, backward done, optimizer done; the next start
+    events = [(1.0, "embeddings forward"), (2.0, "attention forward"), (3.0, "kernel forward"), (3.5, "kernel forward"),
+              (4.0, "kernel forward end"), (5.0, "MLP forward"), (8.0, "loss forward"), (12.0, "MLP backward"),
+              (15.0, "attention backward"), (16.0, "kernel backward"), (17.0, "kernel backward end"),
+              (17.5, "kernel backward end"), (19.0, "embeddings backward")]  # fmt: skip
+    (step,) = step_parts(marks, events)
+    assert step["step"] == 30.0 == sum(step[p] for p in PARTS if not p.startswith("kernel"))
+    assert (step["loop"], step["optimizer"], step["loss backward"], step["embeddings backward"]) == (6.0, 5.0, 2.0, 1.0)
+    assert (step["attention forward"], step["kernel forward"]) == (3.0, 0.5)  # from the last q/k/v projection
+    assert (step["attention backward"], step["kernel backward"]) == (4.0, 1.0)  # to the first q/k/v gradient
+
+
+@pytest.mark.parametrize("side", ["ours", "peer"])
+def test_breakdown_hooks_see_every_part_in_order(side):
+    """The boundaries are found by module names: a renamed module in either model fails here."""
+    layers = 2
+    if side == "peer":
+        pytest.importorskip("x_transformers", reason="the peer needs the peers extra: pip install -e '.[peers]'")
+        from bench.plain_peer import build_peer
+
+        model = build_peer(32, 16, layers, 2, 4)
+        boundaries = peer_boundaries(model)
+    else:
+        pattern = AttentionPattern("strided", block_size=4, stride=8, heads="split")
+        model = SparseTransformer(ModelConfig(seq_len=32, d_model=16, n_layers=layers, n_heads=2, pattern=pattern))
+        boundaries = our_boundaries(model)
+    timeline = Timeline()
+    timeline.watch(boundaries)
+    start = time.perf_counter()
+    loss = model(torch.randint(0, 256, (2, 32))).sum()
+    loss_end = time.perf_counter()
+    loss.backward()
+    end = time.perf_counter()
+    parts = [part for _, part in timeline.events if not part.startswith("kernel")]
+    forward = ["attention forward", "MLP forward"] * layers
+    backward = ["MLP backward", "attention backward"] * layers
+    assert parts == ["embeddings forward", *forward, "loss forward", *backward, "embeddings backward"]
+    (step,) = step_parts([[start, loss_end, end, end], [end]], timeline.events)
+    assert step["step"] == pytest.approx(sum(step[p] for p in PARTS if not p.startswith("kernel")))
+    for phase in ("forward", "backward"):
+        assert 0 < step[f"kernel {phase}"] < step[f"attention {phase}"]
+
+
+@pytest.mark.slow
+def test_breakdown_bench_times_every_part_of_both_sides(tmp_path):
+    pytest.importorskip("x_transformers", reason="bench/breakdown.py needs the peers extra: pip install -e '.[peers]'")
+    out = tmp_path / "breakdown.md"
+    result = run("bench/breakdown.py", "--cases", "64:2:4", "--skip", "1", "--rounds", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r[0]: [float(c.rstrip("%")) for c in r[1:] if c] for r in table_rows(out.read_text(), "| part | peer ms |")}
+    assert {"embeddings forward", "attention backward", "of which the kernel, forward", "MLP forward", "loss backward"} < set(rows)
+    assert {"optimizer", "loop", "step", "sum of the parts' medians"} < set(rows)
+    for side in (0, 1):  # peer, ours
+        assert rows["step"][side] > 0 and rows["step"][side + 3] == 100
+        for phase in ("forward", "backward"):
+            assert 0 < rows[f"of which the kernel, {phase}"][side] <= rows[f"attention {phase}"][side]
+
+
+@pytest.mark.slow
 def test_busy_bench_times_each_setting_idle_and_beside_a_busy_process(tmp_path):
     out = tmp_path / "busy.md"
     args = ["--config", "configs/tiny.yaml", "--settings", "default", "spin-1k", "--steps", "2", "--skip", "1", "--rounds", "1"]
