@@ -121,3 +121,29 @@ def peers(summary: dict[str, dict[int, dict]], path: Path, title: str) -> str:
     _save(fig, path)
     plt.close(fig)
     return f"plot: `{path.name}` (tokens/s, memory and bits/byte against N, ours and the peer)"
+
+
+def long_sequences(rows: list[dict], path: Path, title: str) -> str:
+    """Time and working memory per token against N, log-log, one line per side (``bench/long.py``'s rows)."""
+    plt = _pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install -e '.[bench]')"
+    from bench.long import LABELS
+
+    fig, (by_time, by_memory) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for side in dict.fromkeys(r["side"] for r in rows):
+        mine = sorted((r for r in rows if r["side"] == side), key=lambda r: r["n"])
+        ns = [r["n"] for r in mine]
+        by_time.plot(ns, [1e6 * r["step_s"] / r["n"] for r in mine], marker="o", label=LABELS[side])
+        by_memory.plot(ns, [r["working"] / r["n"] / 1024 for r in mine], marker="o", label=LABELS[side])
+    for ax, label in ((by_time, "training step time per token (µs)"), (by_memory, "working memory per token (KiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+    plt.close(fig)
+    return f"plot: `{path.name}` (log-log time and working memory per token against N, one line per side)"

@@ -62,7 +62,6 @@ def available() -> bool:
     return load()
 
 
-@torch.compiler.disable  # under torch.compile, one eager call: its op has no fake kernel, and its planning is Python
 def cpp_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
@@ -75,7 +74,6 @@ def cpp_attention(
     return _Attention.apply(q, k, v, _tiles(layout, block_size), block_size, scale)
 
 
-@torch.compiler.disable
 def cpp_attention_qkv(qkv: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None) -> torch.Tensor:
     """``cpp_attention`` of a fused projection's output ``qkv`` ``(B, N, 3, H, D)``; returns ``(B, N, H, D)``. Copies
     nothing forward or backward: the gradient is one ``(B, N, 3, H, D)`` tensor, what the projection takes."""

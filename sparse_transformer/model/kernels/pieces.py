@@ -97,7 +97,6 @@ class Plan:
         return self.masks[key]
 
 
-@torch.compiler.disable  # under torch.compile, one eager call: Dynamo would trace (and recompile on) its planning
 def pieces_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int, scale: float | None = None
 ) -> torch.Tensor:
