@@ -91,6 +91,26 @@ def test_a_temp_folder_that_is_a_link_is_refused(recorded, tmp_path, monkeypatch
         build.cache_folder()
 
 
+def test_a_failed_compile_warns_with_the_compilers_error(monkeypatch, tmp_path, request):
+    """cpp_extension raises with the whole of ninja's output; the warning quotes the line that says why."""
+    from torch.utils import cpp_extension
+    from torch.utils._cpp_extension_versioner import ExtensionVersioner
+
+    monkeypatch.setattr(cpp_extension, "JIT_EXTENSION_VERSIONER", ExtensionVersioner())  # this process's builds: as they were
+    compiler = tmp_path / "g++"
+    version = 'case "$*" in *-dumpfullversion*) echo 12.2.0; exit 0;; esac'  # what cpp_extension asks first
+    compiler.write_text(f'#!/bin/sh\n{version}\necho "blocksparse_cpu.cpp:1:1: error: no room on the device" >&2\nexit 1\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv(build.CACHE_VARIABLE, str(tmp_path / "cache"))
+    build.load.cache_clear()
+    request.addfinalizer(build.load.cache_clear)
+    with pytest.warns(
+        UserWarning, match="unavailable \\(blocksparse_cpu.cpp:1:1: error: no room on the device\\); using the pieces"
+    ):
+        assert not build.load()
+
+
 def logging_compiler(folder: Path) -> tuple[Path, Path]:
     """A ``g++`` that logs each call (its pid and arguments) and runs ``c++``; with HANG set, a compile hangs instead."""
     log, compiler = folder / "calls.log", folder / "g++"
