@@ -53,7 +53,8 @@ def test_leftovers_of_killed_builds_are_removed(recorded, tmp_path):
     folder = build.build().parent
     (folder / "lock").touch()
     old, fresh = tmp_path / "cache" / "tmpold", tmp_path / "cache" / "tmpfresh"
-    old.mkdir(), fresh.mkdir()
+    for scratch in (old, fresh):
+        scratch.mkdir()
     os.utime(old, (time.time() - 2 * build.STALE_S,) * 2)
     build.build()
     assert not (folder / "lock").exists() and not old.exists() and fresh.exists()
