@@ -1,6 +1,6 @@
 """The C++ CPU kernel against the fp32 oracle: output and dq, dk, dv, for every pattern and head mode, for what makes
 its tiles (rows grouped when blocks are small, keys in chunks of 512, runs of adjacent blocks), in fp32 and bf16;
-and its build: cached, and a clean fall back to pieces where it cannot be built."""
+and a clean fall back to pieces where it cannot be built (its build: test_kernel_build.py)."""
 
 import warnings
 
@@ -97,25 +97,25 @@ def test_refuses_a_cuda_or_meta_tensor():
         cpp_attention(q, q, q, torch.ones(1, 1, 1, dtype=torch.bool), 8)
 
 
-def test_the_build_is_cached(monkeypatch):
-    """A second build finds the library by its key and compiles nothing."""
-    path = build.build()
-    monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
-    assert build.build() == path
-
-
-def test_no_compiler_falls_back_to_pieces(monkeypatch, tmp_path):
-    """Where the kernel cannot be built, auto warns once and takes pieces; asking for cpp by name says why."""
-    monkeypatch.setattr(build, "load", build.load.__wrapped__)  # uncached, so the failing build is seen
+def test_no_compiler_falls_back_to_pieces(monkeypatch, tmp_path, request):
+    """Where the kernel cannot be built, auto warns once, however often it is asked, and takes pieces; asking for
+    cpp by name says why."""
+    build.load.cache_clear()  # forget this process's load, so the failing build is seen; and after, the failure
+    request.addfinalizer(build.load.cache_clear)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setenv("SPARSE_TRANSFORMER_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="C\\+\\+ CPU attention kernel is unavailable"):
-        assert not build.load()
-    monkeypatch.setattr("sparse_transformer.model.kernels.cpp.load", lambda: False)
-    assert get_backend("auto", torch.device("cpu")) is pieces_attention
     q = torch.zeros(1, 1, 8, 4)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="could not be built here"):
-        cpp_attention(q, q, q, torch.ones(1, 1, 1, dtype=torch.bool), 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # Python's own once-per-place filter would hide a second warning
+        assert get_backend("auto", torch.device("cpu")) is pieces_attention
+        assert get_backend("auto", torch.device("cpu")) is pieces_attention
+        with pytest.raises(RuntimeError, match="could not be built here"):
+            cpp_attention(q, q, q, torch.ones(1, 1, 1, dtype=torch.bool), 8)
+    said = [str(w.message) for w in caught if "C++ CPU attention kernel is unavailable" in str(w.message)]
+    assert said == [
+        "the C++ CPU attention kernel is unavailable (no C++ compiler found (/nonexistent/c++; set CXX, or install g++)); "
+        "using the pieces backend"
+    ]
 
 
 @pytest.mark.parametrize("name", ["strided-split", "fixed-merged", "local-interleaved"])
