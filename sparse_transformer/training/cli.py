@@ -37,7 +37,9 @@ from sparse_transformer.model.kernels import get_backend, resolve_backend
 from sparse_transformer.model.kernels.selfcheck import try_backend
 from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
 from sparse_transformer.training import signals
-from sparse_transformer.training.distributed import FailureWatch, launched_as_rank_zero, port_taken, watch_from_environment
+from sparse_transformer.training.distributed import (
+    FailureWatch, launched_as_rank_zero, lost_peer, port_taken, watch_from_environment,
+)
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.terminal import quiet_third_party
@@ -240,8 +242,8 @@ class SparseTransformerCLI(LightningCLI):
     def _failure_watch(self) -> FailureWatch:
         strategy = self.trainer.strategy
         strategy.set_world_ranks()  # the ranks Lightning would set when fit starts, from the cluster's variables
-        environment = strategy.cluster_environment
-        return FailureWatch(environment.main_address, environment.main_port, f"rank {self.trainer.global_rank}").start()
+        environment, rank = strategy.cluster_environment, self.trainer.global_rank
+        return FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", (rank, self.trainer.world_size)).start()
 
     def _tell_the_other_ranks(self, error: Exception) -> None:
         """In a run of several processes, a failure here ends the others with the same line (``distributed.py``)."""
@@ -249,6 +251,8 @@ class SparseTransformerCLI(LightningCLI):
         if watch is None:
             return
         cause = input_error(error)
+        if cause is None and lost_peer(error):
+            watch.await_verdict()  # the watch names the rank that died, and ends this one with that line
         message = one_line(cause) if cause is not None else port_taken(error, watch.address, watch.port, watch.rank)
         if message is None:  # an unexpected error: the others stop too, this rank shows the traceback
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")

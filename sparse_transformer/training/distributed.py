@@ -8,6 +8,13 @@ TCP store, the one ``torch.distributed`` rendezvous on (``MASTER_ADDR:MASTER_POR
 that line and exits with status 2. A process that finds the main port taken (``NODE_RANK`` given twice, or
 two runs on one port) reports that the same way. Where the store is not up yet because rank 0 itself failed
 early, rank 0 serves the key for a few seconds before it exits, so the others still read it.
+
+A process that dies without a word (killed, out of memory, its node gone) cannot write its line, so in
+training every rank also beats: it counts up a key of its own in the store, and watches the next rank's
+(rank 3 watches rank 4, the last watches rank 0: one reader per key however many ranks). A count that stops
+for ``LOST_SECONDS`` is written as that rank's line; a store that closes (it lives in rank 0's process, or
+in node 0's torchrun agent) or stops answering for as long ends each rank the same way. gloo notices a dead peer sooner, in the
+next collective; a rank whose collective failed so waits for the verdict instead of printing gloo's traceback.
 """
 
 from __future__ import annotations
@@ -21,15 +28,24 @@ from datetime import timedelta
 from torch.distributed import TCPStore
 
 KEY = "sparse_transformer/error"
+BEAT = "sparse_transformer/beat/"  # + the rank: its heartbeat count
+FINISHED = 1 << 40  # added to a rank's count when it stops watching normally: no longer a sign of life to wait for
 POLL_SECONDS = 0.5
+LOST_SECONDS = 10.0  # a rank silent this long is taken for dead (a GIL-holding step still beats every few ms)
 SERVE_SECONDS = 10.0  # how long a failing rank 0 keeps its store up for the others to read the error
 
 
 class FailureWatch:
-    """Watches the run's store for another rank's error (a daemon thread) and reports this rank's own."""
+    """Watches the run's store for another rank's error (a daemon thread) and reports this rank's own.
 
-    def __init__(self, address: str, port: int, rank: str):
-        self.address, self.port, self.rank = address, port, rank  # rank: "rank 3", or "node 1" before ranks exist
+    Args:
+        address, port: the run's store (``MASTER_ADDR``, ``MASTER_PORT``).
+        rank: this process in lines: "rank 3", or "node 1" before ranks exist.
+        ranks: (this rank, the world size) to beat and watch the next rank's beat; None: errors only.
+    """
+
+    def __init__(self, address: str, port: int, rank: str, ranks: tuple[int, int] | None = None):
+        self.address, self.port, self.rank, self.ranks = address, port, rank, ranks
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="failure-watch", daemon=True)
 
@@ -44,20 +60,55 @@ class FailureWatch:
             self._thread.join(timeout=5)
 
     def _watch(self) -> None:
-        store = None
+        store, answered, peer = None, None, _Peer()
         while not self._stop.is_set():
             try:
                 store = store or self._client()
                 if store.check([KEY]):
-                    message = store.get(KEY).decode()
-                    if not self._stop.is_set():
-                        print(f"error: {message}", file=sys.stderr, flush=True)
-                        os._exit(2)
-            except Exception:  # the store is not up yet, or already gone: try again
+                    self._exit(store.get(KEY).decode())
+                if self.ranks is not None:
+                    self._beat(store, peer)
+                answered = time.monotonic()
+            except Exception:  # the store is not up yet: try again; or it was, and its process is gone
                 store = None
+                if answered is not None:
+                    self._exit(
+                        f"{self.rank}: the run's store at {self.address}:{self.port} closed: rank 0 or node 0 stopped "
+                        "(killed, out of memory, or its node went down)"
+                    )
             self._stop.wait(POLL_SECONDS)
+        if store is not None and self.ranks is not None:
+            try:
+                store.add(f"{BEAT}{self.ranks[0]}", FINISHED)
+            except Exception:
+                pass
 
-    def _client(self, seconds: float = 2.0) -> TCPStore:
+    def _beat(self, store: TCPStore, peer: _Peer) -> None:
+        """Count this rank's beat; write the next rank's line once its count stayed still for ``LOST_SECONDS``."""
+        me, world = self.ranks
+        store.add(f"{BEAT}{me}", 1)
+        nxt = (me + 1) % world
+        if nxt == me:
+            return
+        count, now = store.add(f"{BEAT}{nxt}", 0), time.monotonic()
+        if count != peer.count or count == 0 or count >= FINISHED:  # alive, not started yet, or finished
+            peer.count, peer.since = count, now
+        elif now - peer.since > LOST_SECONDS:
+            store.set(KEY, f"rank {nxt}: stopped without a word for {LOST_SECONDS:g} s (killed, out of memory, or its "
+                           "node went down); every rank stops")  # fmt: skip
+
+    def _exit(self, line: str) -> None:
+        if not self._stop.is_set():
+            print(f"error: {line}", file=sys.stderr, flush=True)
+            os._exit(2)
+
+    def await_verdict(self) -> None:
+        """Give the watch the time to name a rank that died (the caller's collective failed for it): the watch ends
+        this process with that line, or this returns after ``LOST_SECONDS`` and a little more."""
+        if self.ranks is not None and self._thread.is_alive():
+            self._thread.join(timeout=LOST_SECONDS + 4 * POLL_SECONDS)
+
+    def _client(self, seconds: float = LOST_SECONDS) -> TCPStore:
         return TCPStore(self.address, self.port, is_master=False, timeout=timedelta(seconds=seconds), wait_for_workers=False)
 
     def report(self, message: str) -> str:
@@ -80,6 +131,13 @@ class FailureWatch:
         return line
 
 
+class _Peer:
+    """The next rank's beat count as last read, and since when it has not changed."""
+
+    def __init__(self):
+        self.count, self.since = 0, time.monotonic()
+
+
 def watch_from_environment() -> FailureWatch | None:
     """A watch for a process of a multi-node run that failed before Lightning set up its ranks, from the
     variables such a run is launched with (``MASTER_ADDR``, ``MASTER_PORT`` and ``NODE_RANK`` or ``RANK``)."""
@@ -99,6 +157,12 @@ def port_taken(error: BaseException, address: str, port: int, rank: str) -> str 
         f"the main port {address}:{port} is taken, so this process cannot be {rank}: another process already "
         "runs it there (NODE_RANK given twice?), or pick another MASTER_PORT"
     )
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another process of the run is gone (gloo's words)."""
+    text = str(error)
+    return any(words in text for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def launched_as_rank_zero() -> bool:
