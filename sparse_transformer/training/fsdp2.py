@@ -17,13 +17,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from sparse_transformer.errors import InputError
 from sparse_transformer.model import Block
 
 
@@ -49,6 +53,38 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """The full weights and optimizer state of a one-file checkpoint, each rank taking its shards.
+
+        Lightning's own load maps a checkpoint's optimizer state to parameters by number, taking the numbers for
+        positions in ``model.parameters()``; an optimizer numbers them group by group, and this one's groups
+        (matrices, then the rest: ``lightning_module.adamw_with_schedule``) interleave, so a checkpoint of a run
+        that was not sharded would put each moment on another parameter. Here they are matched group by group,
+        as ``Optimizer.load_state_dict`` matches them (:func:`by_name`)."""
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=self.lightning_module.strict_loading)
+        set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            set_optimizer_state_dict(self.model, optimizer, by_name(state, optimizer, self.model), options=options)
+        return checkpoint  # the rest (loops, callbacks, schedules, data position) Lightning restores itself
+
+
+def by_name(state: dict[str, Any], optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict[str, Any]:
+    """An optimizer's ``state_dict`` keyed by parameter number as one keyed by the name of the parameter in
+    ``module`` that ``optimizer`` holds at the same place in the same group (the form torch's distributed
+    ``set_optimizer_state_dict`` reads); one keyed by name already is returned as it is."""
+    if not any(isinstance(key, int) for key in state["state"]):
+        return state
+    names = {p: name for name, p in module.named_parameters()}
+    saved = [i for group in state["param_groups"] for i in group["params"]]
+    ours = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    name = dict(zip(saved, ours, strict=True))
+    return {
+        "state": {name[i]: moments for i, moments in state["state"].items()},
+        "param_groups": [{**group, "params": [name[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
 
 
 def shard(model: torch.nn.Module, mesh: DeviceMesh) -> None:
