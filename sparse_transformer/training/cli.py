@@ -193,6 +193,7 @@ class SparseTransformerCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as e:
             raise InputError(f"trainer: {' '.join(str(e).split())}") from e
+        check_cluster(trainer)
         precision = str(config.get("precision"))
         if isinstance(trainer.accelerator, CPUAccelerator) and precision.startswith("16"):
             raise InputError(
@@ -243,7 +244,9 @@ class SparseTransformerCLI(LightningCLI):
         strategy = self.trainer.strategy
         strategy.set_world_ranks()  # the ranks Lightning would set when fit starts, from the cluster's variables
         environment, rank = strategy.cluster_environment, self.trainer.global_rank
-        return FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", (rank, self.trainer.world_size)).start()
+        cleanup = self.lock.release if self.lock is not None else None
+        watch = FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", (rank, self.trainer.world_size), cleanup)
+        return watch.start()
 
     def _tell_the_other_ranks(self, error: Exception) -> None:
         """In a run of several processes, a failure here ends the others with the same line (``distributed.py``)."""
@@ -258,6 +261,19 @@ class SparseTransformerCLI(LightningCLI):
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
             return
         raise InputError(watch.report(message)) from error
+
+
+def check_cluster(trainer: L.Trainer) -> None:
+    """Devices and nodes that the launcher's own count contradicts (torchrun's world size, SLURM's tasks and
+    nodes), in one line now: Lightning checks them only once fit launches, after a rank asked for a device it
+    lacks (a traceback)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is None:
+        return
+    try:
+        environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    except ValueError as e:
+        raise InputError(f"trainer: {' '.join(str(e).split())}") from e
 
 
 def close_process_group() -> None:

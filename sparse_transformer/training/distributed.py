@@ -13,7 +13,9 @@ A process that dies without a word (killed, out of memory, its node gone) cannot
 training every rank also beats: it counts up a key of its own in the store, and watches the next rank's
 (rank 3 watches rank 4, the last watches rank 0: one reader per key however many ranks). A count that stops
 for ``LOST_SECONDS`` is written as that rank's line; a store that closes (it lives in rank 0's process, or
-in node 0's torchrun agent) or stops answering for as long ends each rank the same way. gloo notices a dead peer sooner, in the
+in node 0's torchrun agent) or stops answering for as long ends each rank the same way. Rank 0 also writes the
+world size it was launched for; a rank launched for another (nodes given different ``--trainer.num_nodes`` or
+``--trainer.devices``, which would otherwise wait in the rendezvous for ranks that never come) writes its line. gloo notices a dead peer sooner, in the
 next collective; a rank whose collective failed so waits for the verdict instead of printing gloo's traceback.
 """
 
@@ -23,12 +25,14 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from torch.distributed import TCPStore
 
 KEY = "sparse_transformer/error"
 BEAT = "sparse_transformer/beat/"  # + the rank: its heartbeat count
+WORLD = "sparse_transformer/world_size"  # the world size rank 0 was launched for
 FINISHED = 1 << 40  # added to a rank's count when it stops watching normally: no longer a sign of life to wait for
 POLL_SECONDS = 0.5
 LOST_SECONDS = 10.0  # a rank silent this long is taken for dead (a GIL-holding step still beats every few ms)
@@ -41,11 +45,16 @@ class FailureWatch:
     Args:
         address, port: the run's store (``MASTER_ADDR``, ``MASTER_PORT``).
         rank: this process in lines: "rank 3", or "node 1" before ranks exist.
-        ranks: (this rank, the world size) to beat and watch the next rank's beat; None: errors only.
+        ranks: (this rank, the world size) to beat, watch the next rank's beat and check the world size
+            against rank 0's; None: errors only.
+        cleanup: what this process undoes before the watch ends it (``os._exit`` skips every ``finally``): the
+            run folder's lock, and the folders a refused start made.
     """
 
-    def __init__(self, address: str, port: int, rank: str, ranks: tuple[int, int] | None = None):
-        self.address, self.port, self.rank, self.ranks = address, port, rank, ranks
+    def __init__(
+        self, address: str, port: int, rank: str, ranks: tuple[int, int] | None = None, cleanup: Callable[[], None] | None = None
+    ):
+        self.address, self.port, self.rank, self.ranks, self.cleanup = address, port, rank, ranks, cleanup
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="failure-watch", daemon=True)
 
@@ -84,8 +93,11 @@ class FailureWatch:
                 pass
 
     def _beat(self, store: TCPStore, peer: _Peer) -> None:
-        """Count this rank's beat; write the next rank's line once its count stayed still for ``LOST_SECONDS``."""
+        """Count this rank's beat; write the next rank's line once its count stayed still for ``LOST_SECONDS``, and
+        this rank's if it was launched for another world size than rank 0."""
         me, world = self.ranks
+        if not peer.world_checked:
+            peer.world_checked = self._check_world(store)
         store.add(f"{BEAT}{me}", 1)
         nxt = (me + 1) % world
         if nxt == me:
@@ -94,12 +106,38 @@ class FailureWatch:
         if count != peer.count or count == 0 or count >= FINISHED:  # alive, not started yet, or finished
             peer.count, peer.since = count, now
         elif now - peer.since > LOST_SECONDS:
-            store.set(KEY, f"rank {nxt}: stopped without a word for {LOST_SECONDS:g} s (killed, out of memory, or its "
-                           "node went down); every rank stops")  # fmt: skip
+            self._tell(store, f"rank {nxt}: stopped without a word for {LOST_SECONDS:g} s (killed, out of memory, or its "
+                              "node went down); every rank stops")  # fmt: skip
+
+    def _check_world(self, store: TCPStore) -> bool:
+        """Whether this rank's world size is written (rank 0) or compared with rank 0's (False: not there yet)."""
+        me, world = self.ranks
+        if me == 0:
+            store.set(WORLD, str(world))
+            return True
+        if not store.check([WORLD]):
+            return False
+        theirs = int(store.get(WORLD))
+        if theirs != world:
+            self._tell(store, f"rank {me}: launched as one of {world} processes, and rank 0 as one of {theirs} (processes "
+                              "= --trainer.num_nodes x --trainer.devices); give every node the same num_nodes and devices")  # fmt: skip
+        return True
+
+    def _tell(self, store: TCPStore, line: str) -> None:
+        """End every rank with ``line``: this one now, the others when they read it."""
+        store.set(KEY, line)
+        self._exit(line)
 
     def _exit(self, line: str) -> None:
-        if not self._stop.is_set():
-            print(f"error: {line}", file=sys.stderr, flush=True)
+        if self._stop.is_set():
+            return
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        if self.ranks is not None and self.ranks[0] == 0:
+            time.sleep(3 * POLL_SECONDS)  # rank 0's process may hold the store: the others read the line first
+        try:
+            if self.cleanup is not None:
+                self.cleanup()
+        finally:
             os._exit(2)
 
     def await_verdict(self) -> None:
@@ -132,10 +170,10 @@ class FailureWatch:
 
 
 class _Peer:
-    """The next rank's beat count as last read, and since when it has not changed."""
+    """The next rank's beat count as last read, and since when it has not changed; whether the world size was checked."""
 
     def __init__(self):
-        self.count, self.since = 0, time.monotonic()
+        self.count, self.since, self.world_checked = 0, time.monotonic(), False
 
 
 def watch_from_environment() -> FailureWatch | None:
