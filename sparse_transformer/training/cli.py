@@ -38,7 +38,11 @@ from sparse_transformer.model.kernels.selfcheck import try_backend
 from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
 from sparse_transformer.training import signals
 from sparse_transformer.training.distributed import (
-    FailureWatch, launched_as_rank_zero, lost_peer, port_taken, watch_from_environment,
+    FailureWatch,
+    launched_as_rank_zero,
+    lost_peer,
+    port_taken,
+    watch_from_environment,
 )
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
@@ -245,8 +249,8 @@ class SparseTransformerCLI(LightningCLI):
         strategy.set_world_ranks()  # the ranks Lightning would set when fit starts, from the cluster's variables
         environment, rank = strategy.cluster_environment, self.trainer.global_rank
         cleanup = self.lock.release if self.lock is not None else None
-        watch = FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", (rank, self.trainer.world_size), cleanup)
-        return watch.start()
+        ranks = (rank, self.trainer.world_size)
+        return FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", ranks, cleanup).start()
 
     def _tell_the_other_ranks(self, error: Exception) -> None:
         """In a run of several processes, a failure here ends the others with the same line (``distributed.py``)."""

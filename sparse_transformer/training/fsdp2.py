@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from sparse_transformer.errors import InputError
 from sparse_transformer.model import Block
 
 
