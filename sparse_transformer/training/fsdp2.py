@@ -5,7 +5,9 @@ Each rank holds ``1/world_size`` of every parameter, its gradient and its AdamW 
 while that block computes. Lightning's ``ModelParallelStrategy`` runs it, and the LightningModule's
 ``configure_model`` applies it (:func:`shard`). Lightning's older ``FSDPStrategy`` (FSDP1) refuses a CPU, and
 its precision plugin refuses the paper's gradient clipping by norm; here clipping is ``clip_grad_norm_`` over
-the DTensor gradients, which computes the norm of the whole gradient (every shard), as one process would.
+the DTensor gradients, which computes the norm of the whole gradient (every shard), as one process would. On
+gloo the gradients are reduced with a sum that FSDP then divides, never with gloo's average, which has summed
+without dividing in some torch releases (pytorch#162338): a gradient twice too large, silently.
 
 Checkpoints are one file, as with DDP: the full weights and optimizer state gathered on rank 0 and written by
 the run's checkpoint writer (atomic, finite, sealed: ``checkpoint_io.py``), so ``sample.py`` reads them and a
@@ -91,9 +93,11 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh) -> None:
     backward only), then the rest (embeddings, final norm, head) as the root unit. Applied once."""
     if isinstance(model, FSDPModule):
         return
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    gloo = torch.distributed.get_backend(mesh.get_group()) == "gloo"
+    for unit in [*(m for m in model.modules() if isinstance(m, Block)), model]:
+        fully_shard(unit, mesh=mesh)
+        if gloo:  # gradients summed, then divided by FSDP itself: gloo's AVG has summed without dividing (pytorch#162338)
+            unit.set_force_sum_reduction_for_comms(True)
 
 
 @contextmanager
