@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def fit(root, *args: str) -> list[str]:
@@ -52,7 +52,9 @@ def lightning_node(rank: int, port: int, root, *args: str) -> subprocess.Popen:
 
 
 def finish(*nodes: subprocess.Popen) -> list[tuple[int, str]]:
-    return [(node.returncode, node.communicate(timeout=300)[1]) for node in nodes[::-1]][::-1]
+    """Each node's exit status and stderr, once all have ended."""
+    stderr = [node.communicate(timeout=300)[1] for node in nodes]
+    return [(node.returncode, err) for node, err in zip(nodes, stderr)]
 
 
 def errors(stderr: str) -> list[str]:
@@ -60,14 +62,15 @@ def errors(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_nodes_launched_by_torchrun_train_sharded_and_resume(tmp_path):
-    """One run folder for both nodes, as on a cluster's shared file system; rank 0 alone writes in it."""
-    run = tmp_path / "run"
-    for steps, resume in (("2", []), ("4", ["--ckpt_path", "last"])):
+def test_two_nodes_launched_by_torchrun_train_sharded_are_killed_and_resume(tmp_path):
+    """One run folder for both nodes, as on a cluster's shared file system; rank 0 alone writes in it. Every process
+    is killed (SIGKILL) as the step after the checkpoint of step 2 starts; that last.ckpt resumes on both nodes."""
+    run, every2 = tmp_path / "run", ["--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2"]
+    kill = ["--trainer.callbacks+=tests.killer.KillAtStep", "--trainer.callbacks.step=2"]
+    for args in (kill, ["--ckpt_path", "last"]):
         port = free_port()
-        nodes = [torchrun_node(rank, port, run, *FSDP2, "--trainer.max_steps", steps, *resume) for rank in (0, 1)]
-        (code0, err0), (code1, err1) = finish(*nodes)
-        assert code0 == code1 == 0, err0[-3000:] + err1[-3000:]
+        (code0, err0), (code1, err1) = finish(*(torchrun_node(rank, port, run, *FSDP2, *every2, *args) for rank in (0, 1)))
+    assert code0 == code1 == 0, err0[-3000:] + err1[-3000:]
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} at step 2" in err0
     state = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 4
@@ -82,7 +85,7 @@ def test_a_node_that_dies_ends_the_other_within_seconds_with_one_line(tmp_path):
     kill += ["--trainer.callbacks.signal=SIGKILL", "--trainer.callbacks.rank=1"]
     node0 = lightning_node(0, port, tmp_path / "node0", *FSDP2, "--trainer.max_steps", "50")
     node1 = lightning_node(1, port, tmp_path / "node1", *FSDP2, "--trainer.max_steps", "50", *kill)
-    node1.communicate(timeout=300)
+    node1.wait(timeout=300)
     died = time.monotonic()
     _, err0 = node0.communicate(timeout=300)
     ended = time.monotonic()
@@ -132,7 +135,7 @@ def test_nodes_launched_for_different_world_sizes_end_in_one_line_and_write_noth
 @pytest.mark.slow
 def test_a_main_port_another_program_holds_is_one_line_and_nothing_written(tmp_path):
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.bind(("", 0))  # every address, as a server binds
         holder.listen()
         port = holder.getsockname()[1]
         (code, stderr), = finish(lightning_node(0, port, tmp_path / "run"))

@@ -50,7 +50,7 @@ def assert_close(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
     assert theirs.keys() == ours.keys()
     for name, expected in theirs.items():
         tolerance = 1e-5 * expected.abs().max().item() + 1e-12 if atol is None else atol
-        torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=tolerance, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=tolerance, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def norm(tensors: dict[str, torch.Tensor]) -> float:

@@ -153,9 +153,8 @@ class FailureWatch:
         """Tell every other rank this one failed with ``message``; returns the line they print."""
         self.stop()
         line = f"{self.rank}: {message}"
-        try:
-            store = self._client(seconds=5.0)
-        except Exception:  # no store to reach: rank 0 failed before serving one
+        store = in_time(lambda: self._client(seconds=5.0), seconds=7.0)
+        if store is None:  # no store to reach: rank 0 failed before serving one, or another program holds the port
             if self.rank not in ("rank 0", "node 0"):
                 return line
             try:
@@ -167,6 +166,23 @@ class FailureWatch:
             return line
         store.set(KEY, line)
         return line
+
+
+def in_time(make: Callable[[], TCPStore], seconds: float) -> TCPStore | None:
+    """``make()`` in a thread of its own, or None if it failed or did not return within ``seconds``: a store client
+    connected to a port that another program holds waits for an answer past its own timeout."""
+    made: list[TCPStore] = []
+
+    def run() -> None:
+        try:
+            made.append(make())
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=run, name="store-client", daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    return made[0] if made else None
 
 
 class _Peer:
