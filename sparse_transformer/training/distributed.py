@@ -12,11 +12,12 @@ early, rank 0 serves the key for a few seconds before it exits, so the others st
 A process that dies without a word (killed, out of memory, its node gone) cannot write its line, so in
 training every rank also beats: it counts up a key of its own in the store, and watches the next rank's
 (rank 3 watches rank 4, the last watches rank 0: one reader per key however many ranks). A count that stops
-for ``LOST_SECONDS`` is written as that rank's line; a store that closes (it lives in rank 0's process, or
-in node 0's torchrun agent) or stops answering for as long ends each rank the same way. Rank 0 also writes the
-world size it was launched for; a rank launched for another (nodes given different ``--trainer.num_nodes`` or
-``--trainer.devices``, which would otherwise wait in the rendezvous for ranks that never come) writes its line. gloo notices a dead peer sooner, in the
-next collective; a rank whose collective failed so waits for the verdict instead of printing gloo's traceback.
+for ``LOST_SECONDS`` is written as that rank's line; a store that closes (it lives in rank 0's process, or in
+node 0's torchrun agent) or stops answering for as long ends each rank the same way. gloo notices a dead peer
+sooner, in the next collective; a rank whose collective failed so waits for the watch's verdict instead of
+printing gloo's traceback. Rank 0 also writes the world size it was launched for; a rank launched for another
+(nodes given different ``--trainer.num_nodes`` or ``--trainer.devices``, which would otherwise wait in the
+rendezvous for ranks that never come) writes its line.
 """
 
 from __future__ import annotations
