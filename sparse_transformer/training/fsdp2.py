@@ -9,6 +9,10 @@ the DTensor gradients, which computes the norm of the whole gradient (every shar
 gloo the gradients are reduced with a sum that FSDP then divides, never with gloo's average, which has summed
 without dividing in some torch releases (pytorch#162338): a gradient twice too large, silently.
 
+Each process still builds the whole model once, as under any strategy (the LightningModule makes it in its
+constructor), before ``configure_model`` shards it: a moment of full fp32 weights per process at start-up,
+before gradients and AdamW state exist. Building it on the meta device in ``configure_model`` would remove it.
+
 Checkpoints are one file, as with DDP: the full weights and optimizer state gathered on rank 0 and written by
 the run's checkpoint writer (atomic, finite, sealed: ``checkpoint_io.py``), so ``sample.py`` reads them and a
 run resumes from them on any number of processes, sharded or not.
