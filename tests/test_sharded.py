@@ -2,6 +2,7 @@
 numbers one process computes on the same global batch, checkpoints that resume bit for bit and that sample.py
 reads; and the pieces that make it so (optimizer state matched by group, a tensor-parallel size refused)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from commands import ROOT, run
 from sparse_transformer.errors import InputError
-from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
+from sparse_transformer.model import AdaptiveSpan, AttentionPattern, ModelConfig, SparseTransformer
 from sparse_transformer.training.fsdp2 import by_name
 from sparse_transformer.training.lightning_module import SparseTransformerLM, adamw_with_schedule
 from sparse_transformer.training.resume import read_checkpoint
@@ -162,3 +163,11 @@ def test_without_a_sharding_strategy_configure_model_leaves_the_model_as_it_is()
     module = SparseTransformerLM(TINY)
     module.configure_model()
     assert type(module.model) is SparseTransformer
+
+
+def test_an_attention_that_reads_its_weights_outside_forward_is_refused_in_one_line():
+    """Adaptive span's penalty and metrics read its span parameters after forward, when FSDP2 holds a shard of them."""
+    module = SparseTransformerLM(dataclasses.replace(TINY, attention=AdaptiveSpan()))
+    module._device_mesh = Mesh(data_parallel=2, tensor_parallel=1)
+    with pytest.raises(InputError, match=r"^trainer.strategy: sharding cannot train adaptive_span attention, whose loss"):
+        module.configure_model()

@@ -67,6 +67,13 @@ class SparseTransformerLM(L.LightningModule):
                 "plan (its replicas would never exchange gradients); use configs/strategies/fsdp2.yaml "
                 "(sparse_transformer.training.fsdp2.FSDP2Strategy)"
             )
+        if self.model.auxiliary_loss() is not None or self.model.metrics():
+            attention = self.hparams.network.attention
+            raise InputError(
+                f"trainer.strategy: sharding cannot train {getattr(attention, 'name', type(attention).__name__)} attention, "
+                "whose loss term and metrics read its weights outside forward, where FSDP2 holds only a shard of them; "
+                "train it with --trainer.strategy ddp"
+            )
         shard(self.model, self.device_mesh["data_parallel"])
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
