@@ -33,7 +33,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from sparse_transformer.model import Block
+from sparse_transformer.errors import InputError
+from sparse_transformer.model import Block, SparseTransformer
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -92,11 +93,27 @@ def by_name(state: dict[str, Any], optimizer: torch.optim.Optimizer, module: tor
     }
 
 
-def shard(model: torch.nn.Module, mesh: DeviceMesh) -> None:
-    """Shard ``model`` over ``mesh``: each :class:`Block` its own unit (its weights gathered for its forward and
-    backward only), then the rest (embeddings, final norm, head) as the root unit. Applied once."""
+def shard(model: SparseTransformer, mesh: DeviceMesh) -> None:
+    """Shard ``model`` over the data-parallel ranks of ``mesh``: each :class:`Block` its own unit (its weights
+    gathered for its forward and backward only), then the rest (embeddings, final norm, head) as the root unit.
+    Applied once; a mesh or a model this cannot train is refused in one line."""
     if isinstance(model, FSDPModule):
         return
+    tensor_parallel = mesh["tensor_parallel"].size()
+    if tensor_parallel > 1:  # Lightning's ModelParallelStrategy as it comes: 'auto' is every device of a node
+        raise InputError(
+            f"trainer.strategy: a tensor-parallel size of {tensor_parallel}, but this model has no tensor-parallel plan "
+            "(its replicas would never exchange gradients); use configs/strategies/fsdp2.yaml "
+            "(sparse_transformer.training.fsdp2.FSDP2Strategy)"
+        )
+    if model.auxiliary_loss() is not None or model.metrics():
+        attention = model.config.attention
+        raise InputError(
+            f"trainer.strategy: sharding cannot train {getattr(attention, 'name', type(attention).__name__)} attention, "
+            "whose loss term and metrics read its weights outside forward, where FSDP2 holds only a shard of them; "
+            "train it with --trainer.strategy ddp"
+        )
+    mesh = mesh["data_parallel"]
     gloo = torch.distributed.get_backend(mesh.get_group()) == "gloo"
     for unit in [*(m for m in model.modules() if isinstance(m, Block)), model]:
         fully_shard(unit, mesh=mesh)

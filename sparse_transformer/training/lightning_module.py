@@ -58,23 +58,8 @@ class SparseTransformerLM(L.LightningModule):
     def configure_model(self) -> None:
         """Under a sharding strategy (``configs/strategies/fsdp2.yaml``, which gives the module a device mesh), shard
         the model over the ranks (``fsdp2.py``); under any other, nothing."""
-        if self.device_mesh is None:
-            return
-        tensor_parallel = self.device_mesh["tensor_parallel"].size()
-        if tensor_parallel > 1:  # Lightning's ModelParallelStrategy as it comes: 'auto' is every device of a node
-            raise InputError(
-                f"trainer.strategy: a tensor-parallel size of {tensor_parallel}, but this model has no tensor-parallel "
-                "plan (its replicas would never exchange gradients); use configs/strategies/fsdp2.yaml "
-                "(sparse_transformer.training.fsdp2.FSDP2Strategy)"
-            )
-        if self.model.auxiliary_loss() is not None or self.model.metrics():
-            attention = self.hparams.network.attention
-            raise InputError(
-                f"trainer.strategy: sharding cannot train {getattr(attention, 'name', type(attention).__name__)} attention, "
-                "whose loss term and metrics read its weights outside forward, where FSDP2 holds only a shard of them; "
-                "train it with --trainer.strategy ddp"
-            )
-        shard(self.model, self.device_mesh["data_parallel"])
+        if self.device_mesh is not None:
+            shard(self.model, self.device_mesh)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
