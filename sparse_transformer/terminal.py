@@ -23,6 +23,8 @@ QUIET_WARNINGS = (
     (UserWarning, r"Checkpoint directory .* exists and is not empty"),
     # Lightning cannot see that our training sampler resumes mid-epoch (data/training_order.py); it does.
     (UserWarning, r"You're resuming from a checkpoint that ended before the epoch ended"),
+    # FSDP2 (training/fsdp2.py) on the model's logits, a slice: the loss reads them out of place, as it must.
+    (UserWarning, r"FSDP2-wrapped module \(FSDPSparseTransformer\) returned a view tensor"),
 )
 QUIET_INFO = (
     "💡 Tip:",  # advertisements for Lightning's cloud services (litlogger, litmodels)

@@ -38,7 +38,13 @@ from sparse_transformer.model.kernels import get_backend, resolve_backend
 from sparse_transformer.model.kernels.selfcheck import try_backend
 from sparse_transformer.training.checkpointing import CheckpointSchedule, RunCheckpoint
 from sparse_transformer.training import signals
-from sparse_transformer.training.distributed import FailureWatch, launched_as_rank_zero, port_taken, watch_from_environment
+from sparse_transformer.training.distributed import (
+    FailureWatch,
+    launched_as_rank_zero,
+    lost_peer,
+    port_taken,
+    watch_from_environment,
+)
 from sparse_transformer.training.divergence_guard import DivergenceGuard
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.terminal import quiet_third_party
@@ -200,6 +206,7 @@ class SparseTransformerCLI(LightningCLI):
             raise InputError(f"trainer: {' '.join(str(e).split())}") from e
         if self.subcommand == "fit":
             check_the_run_has_length(trainer)
+        check_cluster(trainer)
         precision = str(config.get("precision"))
         if isinstance(trainer.accelerator, CPUAccelerator) and precision.startswith("16"):
             raise InputError(
@@ -249,8 +256,10 @@ class SparseTransformerCLI(LightningCLI):
     def _failure_watch(self) -> FailureWatch:
         strategy = self.trainer.strategy
         strategy.set_world_ranks()  # the ranks Lightning would set when fit starts, from the cluster's variables
-        environment = strategy.cluster_environment
-        return FailureWatch(environment.main_address, environment.main_port, f"rank {self.trainer.global_rank}").start()
+        environment, rank = strategy.cluster_environment, self.trainer.global_rank
+        cleanup = self.lock.release if self.lock is not None else None
+        ranks = (rank, self.trainer.world_size)
+        return FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", ranks, cleanup).start()
 
     def _tell_the_other_ranks(self, error: Exception) -> None:
         """In a run of several processes, a failure here ends the others with the same line (``distributed.py``)."""
@@ -258,6 +267,8 @@ class SparseTransformerCLI(LightningCLI):
         if watch is None:
             return
         cause = input_error(error)
+        if cause is None and lost_peer(error):
+            watch.await_verdict()  # the watch names the rank that died, and ends this one with that line
         message = one_line(cause) if cause is not None else port_taken(error, watch.address, watch.port, watch.rank)
         if message is None:  # an unexpected error: the others stop too, this rank shows the traceback
             watch.report(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")
@@ -285,6 +296,19 @@ def check_the_run_has_length(trainer: L.Trainer) -> None:
             f"trainer.max_steps=-1 and {epochs} give the run no last step, and the learning rate decays to it; set "
             "trainer.max_steps or trainer.max_epochs (trainer.max_time can still stop the run sooner)"
         )
+
+
+def check_cluster(trainer: L.Trainer) -> None:
+    """Devices and nodes that the launcher's own count contradicts (torchrun's world size, SLURM's tasks and
+    nodes), in one line now: Lightning checks them only once fit launches, after a rank asked for a device it
+    lacks (a traceback)."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is None:
+        return
+    try:
+        environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    except ValueError as e:
+        raise InputError(f"trainer: {' '.join(str(e).split())}") from e
 
 
 def close_process_group() -> None:

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from sparse_transformer.errors import InputError
 from sparse_transformer.modality import Modality, Text
 from sparse_transformer.model import ModelConfig, SparseTransformer
+from sparse_transformer.training.fsdp2 import shard
 
 
 class SparseTransformerLM(L.LightningModule):
@@ -52,6 +53,12 @@ class SparseTransformerLM(L.LightningModule):
         self.unit = modality.unit
         self.model = SparseTransformer(network)
         self.val_bits, self.test_bits = MeanMetric(), MeanMetric()
+
+    def configure_model(self) -> None:
+        """Under a sharding strategy (``configs/strategies/fsdp2.yaml``, which gives the module a device mesh), shard
+        the model over the ranks (``fsdp2.py``); under any other, nothing."""
+        if self.device_mesh is not None:
+            shard(self.model, self.device_mesh)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

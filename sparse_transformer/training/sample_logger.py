@@ -23,6 +23,7 @@ from sparse_transformer.files import write_atomic
 from sparse_transformer.sampling import NonFiniteLogits, Sampling, sample
 from sparse_transformer.training import signals
 from sparse_transformer.training.finite import first_non_finite
+from sparse_transformer.training.fsdp2 import full_weights
 
 PREVIEW_TOKENS = 256  # the default length of a text sample at validation: a paragraph to read
 
@@ -85,7 +86,8 @@ class SampleLogger(L.Callback):
             return
         self.validations += 1
         if self.validations % self.every_n_val == 0:
-            self.log_samples(trainer, pl_module)
+            with full_weights(pl_module):  # sharded weights (fsdp2.py) gathered on every rank, for rank 0 to sample
+                self.log_samples(trainer, pl_module)
 
     @rank_zero_only
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
