@@ -8,6 +8,7 @@ import re
 import warnings
 
 import lightning as L
+import torch
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -168,3 +169,41 @@ def test_the_whole_run_on_a_terminal_fits_it(tmp_path, monkeypatch, width):
     fit(tmp_path, [RunProgress()], max_steps=6, val_check_interval=3, limit_val_batches=2, enable_checkpointing=False)
     lines = screen_lines(stream.getvalue())
     assert any(line.startswith("step 6/6") for line in lines) and all(len(line) < width for line in lines)
+
+
+class TwoBlocks(BoringModel):
+    """BoringModel whose ``model`` has blocks, as SparseTransformer's (``all_blocks``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.blocks = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(2))
+        self.model.all_blocks = lambda: iter(self.model.blocks)
+
+    def forward(self, x):
+        for block in self.model.blocks:
+            x = block(x)
+        return self.layer(x)
+
+
+def test_a_long_step_says_within_it_what_it_is_doing(tmp_path, capsys, monkeypatch):
+    """A step of minutes (N = 2^20) shows its phase and block while it runs; here every step counts as long."""
+    monkeypatch.setattr(RunProgress, "LONG_STEP", 0.0)
+    trainer = L.Trainer(callbacks=[RunProgress(every=0)], logger=False, default_root_dir=tmp_path, enable_model_summary=False,
+                        max_steps=2, limit_val_batches=0, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(TwoBlocks())
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step 2/2:")]
+    said = [re.sub(r"  \d+:\d\d into the step$", "", line) for line in lines]
+    assert said == [
+        "step 2/2: forward, block 1 of 2",
+        "step 2/2: forward, block 2 of 2",
+        "step 2/2: backward, block 2 of 2 done",  # block 1's input is the batch: no gradient to wait for
+        "step 2/2: optimizer step",
+    ], lines
+
+
+def test_a_short_step_shows_only_the_steps(tmp_path, capsys):
+    trainer = L.Trainer(callbacks=[RunProgress(every=0)], logger=False, default_root_dir=tmp_path, enable_model_summary=False,
+                        max_steps=2, limit_val_batches=0, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(TwoBlocks())
+    assert not any(":" in line.split("  ")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("step"))

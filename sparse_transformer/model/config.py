@@ -169,6 +169,12 @@ class ModelConfig:
                 raise ConfigError(f"{e} (stride {stride} follows from the {source}); set pattern.stride") from e
         if pattern.needs_stride and pattern.stride > n:
             raise ConfigError(f"pattern stride={pattern.stride} is longer than the context seq_len={n}; use a shorter stride")
+        if pattern.kind != "dense" and n >= LONG_SPARSE and (density := pattern.density(self.n_heads, n)) > NEARLY_DENSE:
+            raise ConfigError(
+                f"pattern {pattern.kind} with stride={pattern.stride} in blocks of {pattern.block_size} computes about "
+                f"{density:.0%} of the causal tiles at seq_len={n:,}, nearly dense attention at N^2 cost; use a stride near "
+                f"sqrt(seq_len x block_size) = {sqrt_stride(n * pattern.block_size, pattern.block_size)}, or kind dense to mean it"
+            )
         positions = self.positions or positions or default_positions(n, pattern.stride)
         if math.prod(positions) != n:
             raise ConfigError(
@@ -180,6 +186,7 @@ class ModelConfig:
 
 
 LONG_CONTEXT = 8192  # longer contexts get factorized positions by default
+LONG_SPARSE, NEARLY_DENSE = 65536, 0.5  # a sparse pattern this long computing more of the causal tiles is refused
 
 
 def default_positions(n: int, stride: int | None) -> tuple[int, ...]:

@@ -133,30 +133,52 @@ class AttentionPattern:
         count = torch.cat([c for c, _ in per_head])
         return BlockLayout(n_heads, n, torch.cat([torch.zeros(1, dtype=torch.int64), count.cumsum(0)]), torch.cat([i for _, i in per_head]))
 
-    def _rule(self, r: int, n: int, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rule ``r`` on ``n`` cells ``unit`` positions wide, as one head's rows: ``(count (n,), columns)``.
+    def density(self, n_heads: int, seq_len: int) -> float:
+        """About the fraction of the causal tiles the layouts at ``seq_len`` compute (over layers, for interleaved),
+        counted from the rules' row lengths in O(N / block_size), before any layout is built: what a config is
+        checked by. For merged heads, whose rules may share tiles, a bound from above."""
+        self.check(seq_len)
+        if self.kind == "dense":
+            return 1.0
+        n = seq_len // self.block_size
+        rules = [sum(int(_count(torch.arange(n), start, step).sum()) for start, step in self._runs(r, n, self.block_size))
+                 for r in range(self.n_rules)]  # fmt: skip
+        tiles = sum(rules) if self.heads == "merged" else sum(rules) / len(rules)
+        return min(1.0, tiles / (n * (n + 1) / 2))
 
-        Each rule's cells in row i are a few arithmetic progressions of columns, made directly, so the cost is
-        the number of cells. With l and c multiples of ``unit`` they are exactly "the cell holds a pair (i, j)
-        of the rule"; ``unit=1`` gives the element-level definition.
+    def _rule(self, r: int, n: int, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rule ``r`` on ``n`` cells ``unit`` positions wide, as one head's rows: ``(count (n,), columns)``."""
+        runs = [_progression(torch.arange(n), start, step) for start, step in self._runs(r, n, unit)]
+        return runs[0] if len(runs) == 1 else _union(runs, n)
+
+    def _runs(self, r: int, n: int, unit: int) -> list[tuple[torch.Tensor, int]]:
+        """Rule ``r``'s cells in each row i of ``n`` cells ``unit`` positions wide: arithmetic progressions of
+        columns ``(start[i], step)`` up to i, made directly, so the cost is the number of cells.
+
+        With l and c multiples of ``unit`` they are exactly "the cell holds a pair (i, j) of the rule"; ``unit=1``
+        gives the element-level definition.
         """
         i = torch.arange(n)
         l = self.stride // unit
         if self.kind == "local" or (self.kind == "strided" and r == 0):  # j in [i - l, i]
-            return _progression(i, (i - l).clamp(min=0), 1)
+            return [((i - l).clamp(min=0), 1)]
         if self.kind == "strided":  # j = i, i - l, i - 2l, ...
-            return _progression(i, i % l, l)
+            return [(i % l, l)]
         if r == 0:  # fixed A(1): the chunk of i, up to i
-            return _progression(i, i // l * l, 1)
+            return [(i // l * l, 1)]
         # fixed A(2): the cells that reach a summary position, i.e. (j mod l + 1) * unit > l * unit - c, which is
-        # j mod l >= l - ceil(c / unit); and itself. One progression per summary cell of a chunk, merged.
-        offsets = range(l - -(-self.summary // unit), l)
-        return _union([*(_progression(i, torch.full_like(i, o), l) for o in offsets), (torch.ones_like(i), i)], n)
+        # j mod l >= l - ceil(c / unit), one progression each; and itself.
+        return [*((torch.full_like(i, o), l) for o in range(l - -(-self.summary // unit), l)), (i, 1)]
+
+
+def _count(last: torch.Tensor, start: torch.Tensor, step: int) -> torch.Tensor:
+    """Columns ``start, start + step, ...`` up to ``last``, row by row."""
+    return ((last + 1 - start + step - 1) // step).clamp(min=0)
 
 
 def _progression(last: torch.Tensor, start: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows whose columns run ``start[i], start[i] + step, ...`` up to ``last[i]``: ``(count, columns)``."""
-    count = ((last + 1 - start + step - 1) // step).clamp(min=0)
+    count = _count(last, start, step)
     within = torch.arange(int(count.sum())) - torch.repeat_interleave(count.cumsum(0) - count, count)
     return count, torch.repeat_interleave(start, count) + within * step
 

@@ -27,11 +27,13 @@ from typing import Any, NoReturn
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from sparse_transformer import allocator
 from sparse_transformer.errors import InputError, input_error, one_line
 from sparse_transformer.files import check_folder, reason, write_atomic
 from sparse_transformer.model.kernels import get_backend, resolve_backend
@@ -45,7 +47,9 @@ from sparse_transformer.training.distributed import (
     port_taken,
     watch_from_environment,
 )
+from sparse_transformer.training import memory
 from sparse_transformer.training.divergence_guard import DivergenceGuard
+from sparse_transformer.training.fsdp2 import FSDP2Strategy
 from sparse_transformer.training.lightning_module import SparseTransformerLM
 from sparse_transformer.terminal import quiet_third_party
 from sparse_transformer.training.progress import RunProgress, RunSummary
@@ -213,7 +217,35 @@ class SparseTransformerCLI(LightningCLI):
                 f"trainer.precision={precision!r} needs a CUDA GPU (fp16 autocast); on a CPU use 32-true or bf16-mixed"
             )
         self._try_attention(trainer)
+        if self.subcommand in (None, "fit"):
+            self._check_memory(trainer)
         return trainer
+
+    def _check_memory(self, trainer: L.Trainer) -> None:
+        """Refuse, before the first step allocates it, a step this machine has no memory for (``memory.py``), naming
+        its biggest part and the option that shrinks it; a step of minutes gets a line first: its memory and time."""
+        if not isinstance(trainer.accelerator, CPUAccelerator):
+            return
+        model, batch = self.model.model, self.datamodule.batch_size
+        allocator.configure(batch * model.seq_len)
+        step = memory.estimate(model, batch, shards=trainer.world_size if isinstance(trainer.strategy, FSDP2Strategy) else 1)
+        processes = trainer.num_devices  # on this machine, each with its own step
+        need, free = step.total * processes, memory.available()
+        each = f" for each of {processes} processes" if processes > 1 else ""
+        if free is not None and need > free:
+            biggest = step.biggest()
+            raise InputError(
+                f"a training step of {batch} x {model.seq_len:,} tokens needs about {step.describe()}{each}, more than "
+                f"the {memory.gib(free)} of memory available; the most is {biggest}: {memory.SHRINK[biggest]}"
+            )
+        flops = memory.step_flops(model, batch)
+        if flops >= memory.LONG_STEP_FLOPS and trainer.is_global_zero:
+            rate = memory.gemm_rate() * memory.EFFICIENCY / processes
+            room = f" of the {memory.gib(free)} available" if free is not None else ""
+            rank_zero_info(
+                f"step: {batch} x {model.seq_len:,} tokens need about {step.describe()}{each}{room}; "
+                f"{flops / 1e12:,.1f} TFLOP, about {memory.duration(flops / rate)} a step on this CPU"
+            )
 
     def _try_attention(self, trainer: L.Trainer) -> None:
         """The attention backend, forward and backward on a tiny case on the trainer's CPU in its precision

@@ -2,7 +2,8 @@
 
 ``RunProgress`` is the progress line, in steps of the run (not epochs: a run bounded by steps has no useful
 epoch count, and an epoch's ETA is not the run's): step, tokens/s, training loss, last validation, time left.
-It fits the terminal's width, and where stderr is not a terminal it prints plain lines ``every`` seconds.
+It fits the terminal's width, and where stderr is not a terminal it prints plain lines ``every`` seconds. A step
+that runs for minutes (N = 2^20 on a CPU) says within it what it is doing: its phase and block.
 ``RunSummary`` replaces Lightning's model table (whose FLOPs column reads 0 for a model without an example
 input) with one line that counts FLOPs as the model does, and ends the run with one line: steps, best and
 last validation, wall time and where the checkpoints are.
@@ -95,6 +96,8 @@ class RunProgress(ProgressBar):
         every: seconds between plain lines when stderr is not a terminal.
     """
 
+    LONG_STEP = 5.0  # seconds into a step after which the line says what the step is doing
+
     def __init__(self, every: float = 30.0):
         super().__init__()
         self.every, self.enabled = every, True
@@ -103,6 +106,9 @@ class RunProgress(ProgressBar):
         self.started = time.perf_counter()
         self.total: int | None = None
         self.last_val: tuple[str, float] | None = None
+        self.phase: str | None = None  # of the step in progress: forward, backward, optimizer step
+        self.step_started = time.perf_counter()
+        self.hooks: list = []
 
     def disable(self) -> None:
         self.enabled = False
@@ -113,6 +119,46 @@ class RunProgress(ProgressBar):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.status = StatusLine(self.every)
         self.started = time.perf_counter()
+        model = getattr(pl_module, "model", None)
+        blocks = list(model.all_blocks()) if hasattr(model, "all_blocks") else []
+        self.hooks = [block.register_forward_pre_hook(self._entering(i, len(blocks))) for i, block in enumerate(blocks)]
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self.phase, self.step_started = "forward", time.perf_counter()
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self.phase = "backward"
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        self.phase = "optimizer step"
+        self._within_step("")
+
+    def _entering(self, i: int, n: int):
+        """A block's forward pre-hook (it runs again when recompute redoes the block in the backward): in a long
+        step, the line says so; without recompute, a hook on the block's input says when its backward is done."""
+
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if self.phase is None or not torch.is_grad_enabled() or time.perf_counter() - self.step_started < self.LONG_STEP:
+                return
+            self._within_step(f", block {i + 1} of {n}")
+            x = args[0] if args else None
+            if self.phase == "forward" and isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(lambda grad: self._within_step(f", block {i + 1} of {n} done"))
+
+        return hook
+
+    def _within_step(self, where: str) -> None:
+        if not self.enabled or self.status is None or not self.status.due():
+            return
+        seconds = time.perf_counter() - self.step_started
+        if seconds >= self.LONG_STEP:
+            step = f"step {self.trainer.global_step + 1}" + (f"/{self.total}" if self.total else "")
+            self.status.update(f"{step}: {self.phase}{where}", f"{clock(seconds)} into the step")
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.status is not None:
@@ -124,7 +170,9 @@ class RunProgress(ProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         self.clock.batch(batch_tokens(batch, trainer.world_size))
-        if self.enabled and self.status is not None and self.status.due():
+        long_step = time.perf_counter() - self.step_started >= self.LONG_STEP
+        self.phase = None
+        if self.enabled and self.status is not None and (self.status.due() or long_step):
             self._show(trainer)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int,
