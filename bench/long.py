@@ -118,7 +118,7 @@ def child(side: str, n: int, steps: int) -> dict:
         loss_of = lambda batch: next_byte_loss(model, batch)  # noqa: E731
         autocast = False
     else:
-        from sparse_transformer import threads
+        from sparse_transformer import allocator, threads
 
         threads.configure()  # as train.py does
         import torch
@@ -132,6 +132,7 @@ def child(side: str, n: int, steps: int) -> dict:
             else AttentionPattern("fixed", block_size=BLOCK, stride=stride(n), summary=SUMMARY, heads="split")
         )
         model = SparseTransformer(ModelConfig(**SIZE, pattern=pattern, recompute=n >= RECOMPUTE_FROM, seq_len=n))
+        allocator.configure(4 * n * SIZE["d_model"])  # as train.py does
         loss_of = lambda batch: model.loss(batch[:, :-1], batch[:, 1:])  # noqa: E731
         autocast = side == "sparse-bf16"
     matrices = [p for p in model.parameters() if p.dim() >= 2]

@@ -5,9 +5,10 @@ from the heap, which keeps what is freed for reuse. The threshold starts at 128 
 mapped block freed, up to 32 MiB. A long sequence's step makes and frees tensors of 4 to 32 MiB (the chunks of its
 loss and of its MLP under recompute, and their gradients) in orders the heap cannot reuse, so after the first of
 them the heap holds memory no tensor uses: at N = 131,072 (4 layers, d = 192, recompute) a step peaked at 24
-units of N x d floats, against 14.5 with the threshold fixed at 4 MiB. ``configure`` fixes it there (mallopt also
-stops it rising). A short sequence's tensors are small and reused every step; it keeps glibc's default, whose
-reuse saves it page faults.
+units of N x d floats, against 14.5 with the threshold fixed at 4 MiB. ``configure`` fixes it for a step whose
+``[B, N, d_model]`` tensors are ``LONG`` bytes or more (mallopt also stops it rising): from N = 16,384 at d = 192,
+where a step takes seconds and a fresh mapping's page faults are a small part of it. A short sequence's tensors
+are small and reused every step; it keeps glibc's default, whose reuse saves it those page faults.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 THRESHOLD = 4 << 20
-LONG = 65536  # tokens a step from which the threshold is fixed
+LONG = 8 << 20  # bytes of a step's [B, N, d_model] fp32 tensor from which the threshold is fixed
 
 
-def configure(tokens_per_step: int) -> bool:
-    """Fix glibc's mmap threshold for a step of ``tokens_per_step`` tokens if it is long; whether it was set (not
-    on other C libraries, or short steps)."""
-    if tokens_per_step < LONG or not sys.platform.startswith("linux"):
+def configure(unit_bytes: int) -> bool:
+    """Fix glibc's mmap threshold for a step whose ``[B, N, d_model]`` tensors take ``unit_bytes`` if that is long;
+    whether it was set (not on other C libraries, or short steps)."""
+    if unit_bytes < LONG or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library

@@ -227,7 +227,7 @@ class SparseTransformerCLI(LightningCLI):
         if not isinstance(trainer.accelerator, CPUAccelerator):
             return
         model, batch = self.model.model, self.datamodule.batch_size
-        allocator.configure(batch * model.seq_len)
+        allocator.configure(4 * batch * model.seq_len * model.config.d_model)
         step = memory.estimate(model, batch, shards=trainer.world_size if isinstance(trainer.strategy, FSDP2Strategy) else 1)
         processes = trainer.num_devices  # on this machine, each with its own step
         need, free = step.total * processes, memory.available()
@@ -235,16 +235,17 @@ class SparseTransformerCLI(LightningCLI):
         if free is not None and need > free:
             biggest = step.biggest()
             raise InputError(
-                f"a training step of {batch} x {model.seq_len:,} tokens needs about {step.describe()}{each}, more than "
-                f"the {memory.gib(free)} of memory available; the most is {biggest}: {memory.SHRINK[biggest]}"
+                f"a training step of {batch} x {model.seq_len:,} tokens needs about {memory.gib(step.total)}{each} "
+                f"({step.describe()}), more than the {memory.gib(free)} of memory available; the most is {biggest}: "
+                f"{memory.SHRINK[biggest]}"
             )
         flops = memory.step_flops(model, batch)
         if flops >= memory.LONG_STEP_FLOPS and trainer.is_global_zero:
             rate = memory.gemm_rate() * memory.EFFICIENCY / processes
             room = f" of the {memory.gib(free)} available" if free is not None else ""
             rank_zero_info(
-                f"step: {batch} x {model.seq_len:,} tokens need about {step.describe()}{each}{room}; "
-                f"{flops / 1e12:,.1f} TFLOP, about {memory.duration(flops / rate)} a step on this CPU"
+                f"step: {batch} x {model.seq_len:,} tokens need about {memory.gib(step.total)}{each}{room} "
+                f"({step.describe()}); {flops / 1e12:,.1f} TFLOP, about {memory.duration(flops / rate)} a step on this CPU"
             )
 
     def _try_attention(self, trainer: L.Trainer) -> None:

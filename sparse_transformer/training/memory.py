@@ -21,6 +21,7 @@ at most 30% above). The step's FLOPs are the model's own count, 3x forward (4x w
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ GiB = 2**30
 MiB = 2**20
 RECOMPUTED = 7.5  # units a recomputed block and the step around it hold at the peak of its backward (measured)
 STEP = 4.0  # units the step holds without recompute beyond its blocks' (embeddings, output, gradients in flight)
-START_UP = {True: 220 * MiB, False: 60 * MiB}  # loaded by the first step, with recompute (Dynamo) and without
+START_UP = 60 * MiB  # what the first step makes once (plans, threads' buffers)
+DYNAMO = 175 * MiB  # torch.utils.checkpoint imports Dynamo on its first call (Lightning's import already did)
 MARGIN = 1.1  # on the measured coefficients: an estimate errs on the safe side
 LONG_STEP_FLOPS = 1e12  # a step of more FLOPs than this (about ten seconds on a laptop's CPU) gets a line first
 EFFICIENCY = 0.5  # a training step's FLOP/s over a plain matrix product's, on a CPU (measured at N = 65,536)
@@ -52,9 +54,9 @@ class StepMemory:
         return max(self.parts, key=self.parts.get)
 
     def describe(self) -> str:
-        """``12.1 GiB: activations 9.8 GiB, loss 0.1 GiB, ...``, the largest first."""
+        """``activations 9.8 GiB, optimizer 0.1 GiB``: the parts of a tenth of a GiB or more, the largest first."""
         parts = sorted(self.parts.items(), key=lambda kv: -kv[1])
-        return f"{gib(self.total)}: " + ", ".join(f"{name} {gib(size)}" for name, size in parts if size >= 0.05 * GiB)
+        return ", ".join(f"{name} {gib(size)}" for name, size in parts if size >= 0.05 * GiB) or "no part above 0.1 GiB"
 
 
 def gib(size: float) -> str:
@@ -79,7 +81,7 @@ def estimate(model: SparseTransformer, batch: int, shards: int = 1) -> StepMemor
         "attention": MARGIN * sum(attention_extra(block.attn, batch, n) for block in layers[: 1 if config.recompute else None]),
         "optimizer": 12.0 * parameters / shards,
         "loss": MARGIN * 3 * 4.0 * min(batch * n, CHUNK) * config.vocab_size,
-        "start-up": START_UP[config.recompute],
+        "start-up": START_UP + (DYNAMO if config.recompute and "torch._dynamo" not in sys.modules else 0),
     })  # fmt: skip
 
 
