@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 THRESHOLD = 4 << 20
 LONG = 8 << 20  # bytes of a step's [B, N, d_model] fp32 tensor from which the threshold is fixed
 
@@ -30,4 +30,5 @@ def configure(unit_bytes: int) -> bool:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):  # musl and others have none
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+    # The trim threshold (free memory the heap keeps at its top) rose with the mmap threshold: set it as glibc would.
+    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * THRESHOLD))

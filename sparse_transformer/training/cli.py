@@ -228,7 +228,8 @@ class SparseTransformerCLI(LightningCLI):
             return
         model, batch = self.model.model, self.datamodule.batch_size
         allocator.configure(4 * batch * model.seq_len * model.config.d_model)
-        step = memory.estimate(model, batch, shards=trainer.world_size if isinstance(trainer.strategy, FSDP2Strategy) else 1)
+        shards = trainer.world_size if isinstance(trainer.strategy, FSDP2Strategy) else 1
+        step = memory.estimate(model, batch, shards, str(trainer.precision))
         processes = trainer.num_devices  # on this machine, each with its own step
         need, free = step.total * processes, memory.available()
         each = f" for each of {processes} processes" if processes > 1 else ""

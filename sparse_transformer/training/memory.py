@@ -31,8 +31,9 @@ from sparse_transformer.model.transformer import CHUNK, SparseTransformer
 
 GiB = 2**30
 MiB = 2**20
-RECOMPUTED = 7.5  # units a recomputed block and the step around it hold at the peak of its backward (measured)
+RECOMPUTED = 9.5  # units a recomputed block and the step around it hold at the peak of its backward (measured)
 STEP = 4.0  # units the step holds without recompute beyond its blocks' (embeddings, output, gradients in flight)
+BF16_STORED = 0.72  # of the units a step stores without recompute, under bf16 autocast (its linear layers' outputs)
 START_UP = 60 * MiB  # what the first step makes once (plans, threads' buffers)
 DYNAMO = 175 * MiB  # torch.utils.checkpoint imports Dynamo on its first call (Lightning's import already did)
 MARGIN = 1.1  # on the measured coefficients: an estimate errs on the safe side
@@ -63,9 +64,9 @@ def gib(size: float) -> str:
     return f"{size / GiB:,.1f} GiB"
 
 
-def estimate(model: SparseTransformer, batch: int, shards: int = 1) -> StepMemory:
+def estimate(model: SparseTransformer, batch: int, shards: int = 1, precision: str = "32-true") -> StepMemory:
     """The peak of one training step of ``model`` on ``batch`` sequences of its context, per process; ``shards``:
-    the ranks its parameters, gradients and optimizer state are spread over (FSDP2)."""
+    the ranks its parameters, gradients and optimizer state are spread over (FSDP2); ``precision``: Lightning's."""
     config = model.config
     n, C = model.seq_len + -model.seq_len % model.block_size, config.d_model
     unit = 4.0 * batch * n * C
@@ -74,7 +75,7 @@ def estimate(model: SparseTransformer, batch: int, shards: int = 1) -> StepMemor
         activations = unit * (RECOMPUTED + len(layers))
     else:
         per_layer = 8 + (2 * config.d_ff / C if not config.attention.replaces_feed_forward else 0)
-        activations = unit * (STEP + per_layer * len(layers))
+        activations = unit * (STEP + per_layer * len(layers)) * (BF16_STORED if precision.startswith("bf16") else 1.0)
     parameters = sum(p.numel() for p in model.parameters())
     return StepMemory({
         "activations": MARGIN * activations,
