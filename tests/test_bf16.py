@@ -12,6 +12,7 @@ import torch
 from commands import run
 
 from sparse_transformer.model.kernels import get_backend, reference
+from sparse_transformer.model.layout import BlockLayout
 from sparse_transformer.model.patterns import AttentionPattern
 
 TOLERANCE = 2e-2  # of the fp64 result's max |value|: bf16 keeps 8 bits of mantissa
@@ -23,16 +24,16 @@ PATTERNS = [
 CPU = torch.device("cpu")
 
 
-def attention_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, block_size: int) -> torch.Tensor:
+def attention_fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v in fp64, each query over the keys of its layout's tiles that are not after it."""
     n = q.shape[-2]
-    tiles = layout.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)  # (H, N, N)
+    tiles = layout.to_dense().repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)  # (H, N, N)
     seen = tiles & torch.ones(n, n, dtype=torch.bool).tril()
     scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, N, N)
     return scores.masked_fill(~seen, float("-inf")).softmax(-1) @ v.double()
 
 
-def check_bf16(attend, layout: torch.Tensor, block_size: int, B: int = 2, D: int = 16) -> None:
+def check_bf16(attend, layout: BlockLayout, block_size: int, B: int = 2, D: int = 16) -> None:
     """Output and dq, dk, dv (random upstream grad) of ``attend`` on bf16 inputs within ``TOLERANCE`` times the
     largest value (at least 1) of :func:`attention_fp64` on the same values."""
     H, N = layout.shape[0], layout.shape[1] * block_size
@@ -60,7 +61,8 @@ def test_bf16_matches_fp64_attention(backend, pattern):
 def test_the_check_catches_a_reference_that_sees_the_future(monkeypatch):
     """Diagonal tiles left whole let a query see up to 15 later keys: the reference's bf16 case fails, as it could
     not when the reference was judged by itself."""
-    monkeypatch.setattr(reference, "element_mask", lambda layout, bs: layout.repeat_interleave(bs, -2).repeat_interleave(bs, -1))
+    whole_tiles = lambda layout, bs: layout.to_dense().repeat_interleave(bs, -2).repeat_interleave(bs, -1)  # noqa: E731
+    monkeypatch.setattr(reference, "element_mask", whole_tiles)
     with pytest.raises(AssertionError, match="out: max error"):
         check_bf16(get_backend("reference", CPU), PATTERNS[0].layout(4, 256, layer=1), 16)
 

@@ -72,6 +72,7 @@ def test_each_kind_counts_the_work_it_does(kind, monkeypatch):
     options = {"n_layers": 2, **KINDS[kind]}
     model = SparseTransformer(ModelConfig(seq_len=SEQ_LEN, d_model=32, n_heads=4, **options)).eval()
     monkeypatch.setattr(sparse_attention, "get_backend", lambda name, device: tile_attention)
+    monkeypatch.setattr(sparse_attention, "get_packed_backend", lambda name, device: None)  # q, k, v through tile_attention
     x = torch.randint(0, 256, (BATCH, SEQ_LEN))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x)

@@ -86,8 +86,8 @@ class ModelConfig:
             instead of 1,048,576. ``[N]`` asks for a 1-D table at any length.
         recompute: recompute each block's activations in the backward pass instead of storing them,
             trading about a third more compute for memory that no longer grows with depth.
-        compile: ``torch.compile`` each block for training and evaluation (Inductor: norms, projections and
-            the feed-forward fused; the attention kernel stays one call). Costs a compile at the first step;
+        compile: ``torch.compile`` each block for training and evaluation (Inductor fuses the norms and the
+            feed-forward; the attention sublayer, projections and kernel, stays one eager call). Costs a compile at the first step;
             sampling's incremental decoding runs eagerly. On a CPU it does not pay (0.91x eager's speed,
             ``bench/results/compile-cpu.md``).
         seq_len: the context N; linked from the DataModule's seq_len by ``train.py``.

@@ -70,6 +70,8 @@ class SparseAttention(Attention):
         self.layout = config.pattern.layout(config.n_heads, seq_len, layer)  # for the full context, shared by equal layers
         self.memory = PersistentMemory(config, self.layout) if config.attention.persistent_memory else None
         self._tiles: dict[int, int] = {}  # query blocks -> tiles computed, summed over heads
+        if config.compile:  # one eager call in a compiled block: the backends plan in Python, their ops have no fake kernels
+            self.forward = torch.compiler.disable(self.forward)
 
     def forward(self, x: torch.Tensor, cache: BlockKVCache | None = None) -> torch.Tensor:
         """As every kind's, but where the backend takes the fused projection's output as it lies (cpp), q, k, v and

@@ -10,9 +10,7 @@ others are tested against.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -81,13 +79,4 @@ def load_backend(name: str) -> AttentionFn:
 
 def _load(where: str) -> AttentionFn:
     module, function = where.split(":")
-    fn = getattr(importlib.import_module(module), function)
-    return _eager(fn) if "torch._dynamo" in sys.modules else fn
-
-
-@functools.cache
-def _eager(fn: AttentionFn) -> AttentionFn:
-    """``fn`` left to run as one eager call inside a graph torch.compile traces: its planning is Python and its
-    op has no fake kernel. Marked only once Dynamo is loaded (``torch.compile`` loads it), so a run that never
-    compiles never imports it: 175 MB of every process's memory."""
-    return torch.compiler.disable(fn)
+    return getattr(importlib.import_module(module), function)
