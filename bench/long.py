@@ -133,7 +133,7 @@ def child(side: str, n: int, steps: int) -> dict:
         )
         model = SparseTransformer(ModelConfig(**SIZE, pattern=pattern, recompute=n >= RECOMPUTE_FROM, seq_len=n))
         allocator.configure(4 * n * SIZE["d_model"])  # as train.py does
-        loss_of = lambda batch: model.loss(batch[:, :-1], batch[:, 1:])  # noqa: E731
+        loss_of = lambda batch: model(batch[:, :-1], targets=batch[:, 1:])  # noqa: E731
         autocast = side == "sparse-bf16"
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]

@@ -32,7 +32,7 @@ optimizer = torch.optim.AdamW(model.parameters(), fused=True)
 estimate = memory.estimate(model, batch=1).total
 base = current_rss()
 batch = torch.randint(0, 256, (1, n + 1))
-model.loss(batch[:, :-1], batch[:, 1:]).backward()
+model(batch[:, :-1], targets=batch[:, 1:]).backward()
 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
 optimizer.step()
 print(json.dumps({"estimate": estimate, "peak": peak_rss() - base}))

@@ -151,20 +151,24 @@ class SparseTransformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, caches: list[BlockKVCache] | None = None) -> torch.Tensor:
-        """Logits for every position; with ``caches`` (from :meth:`new_caches`), also fill them (prefill)."""
-        return self.head(self.norm(self.hidden(idx, caches)))  # (B, N, vocab)
+    def forward(
+        self, idx: torch.Tensor, caches: list[BlockKVCache] | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits for every position; with ``caches`` (from :meth:`new_caches`), also fill them (prefill).
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the next-byte logits of ``idx`` against ``targets`` (``[B, N]`` each), ``CHUNK``
-        tokens at a time: the whole ``[B, N, vocab]`` logits never exist (1 GiB at N = 2^20, and as much again for
-        their gradient). In training each chunk's logits are recomputed in the backward pass, one small matmul."""
+        Given ``targets`` ``[B, N]``, instead their mean cross-entropy, ``CHUNK`` tokens at a time: the whole
+        ``[B, N, vocab]`` logits never exist (1 GiB at N = 2^20, and as much again for their gradient). In training
+        each chunk's logits are recomputed in the backward pass, one small matmul. (The loss is computed here, in
+        ``forward``, so that wrappers that hook a module's call, FSDP2's unsharding among them, see it.)"""
+        if targets is None:
+            return self.head(self.norm(self.hidden(idx, caches)))  # (B, N, vocab)
         h, y = self.hidden(idx).flatten(0, 1), targets.flatten()  # (B*N, C), (B*N,)
+        checkpoint_chunk = lambda hc, yc: checkpoint(self._chunk_loss, hc, yc, use_reentrant=False)  # noqa: E731
         if len(y) <= CHUNK:
             return self._chunk_loss(h, y) / len(y)
-        grad = torch.is_grad_enabled()
+        loss = checkpoint_chunk if torch.is_grad_enabled() else self._chunk_loss
         chunks = zip(h.split(CHUNK), y.split(CHUNK))  # split, not slices: its backward joins the chunks' gradients once
-        return sum(checkpoint(self._chunk_loss, hc, yc, use_reentrant=False) if grad else self._chunk_loss(hc, yc) for hc, yc in chunks) / len(y)
+        return sum(loss(hc, yc) for hc, yc in chunks) / len(y)
 
     def _chunk_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.head(self.norm(h)).float(), y, reduction="sum")

@@ -64,7 +64,7 @@ class SparseTransformerLM(L.LightningModule):
         return self.model(idx)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(batch[:, :-1], batch[:, 1:])  # (B, N) each
+        return self.model(batch[:, :-1], targets=batch[:, 1:])  # (B, N) each
 
     def on_train_start(self) -> None:
         """Apply the configured lr and schedule also to a resumed run, whose optimizer and scheduler come back
