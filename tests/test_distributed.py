@@ -31,7 +31,7 @@ def test_ddp_on_two_cpu_processes(tmp_path, monkeypatch):
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 4
     # 4 steps of 4 windows on each of 2 ranks: the sampler's position counts both ranks' windows.
-    assert state["ByteTextDataModule"] == {"train_sampler": {"epoch": 0, "consumed": 32}}
+    assert state["ByteTextDataModule"] == {"train_sampler": {"epoch": 0, "consumed": 32, "start": 0, "behind": 0}}
     with (run / "csv" / "version_0" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows if r["train_bpb_step"]] == [0, 1, 2, 3]

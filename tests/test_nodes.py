@@ -74,7 +74,7 @@ def test_two_nodes_launched_by_torchrun_train_sharded_are_killed_and_resume(tmp_
     assert f"resuming from {run / 'checkpoints' / 'last.ckpt'} at step 2" in err0
     state = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert state["global_step"] == 4
-    assert state["ByteTextDataModule"] == {"train_sampler": {"epoch": 0, "consumed": 32}}  # 4 steps x 4 windows x 2 nodes
+    assert state["ByteTextDataModule"] == {"train_sampler": {"epoch": 0, "consumed": 32, "start": 0, "behind": 0}}  # 4 steps x 4 windows x 2 nodes
 
 
 @pytest.mark.slow

@@ -33,8 +33,17 @@ def test_sampler_skips_what_was_consumed_even_on_another_number_of_devices():
     resumed = ResumableSampler(50, 24, seed=0, replacement=False, num_replicas=3, rank=1)
     resumed.load_state_dict({"epoch": 0, "consumed": 6})
     assert list(resumed) == whole[6:][1::3]
+    resumed.set_epoch(0)  # Lightning's call for the epoch it resumed (made once its iterator started)
     resumed.set_epoch(1)  # the skip belongs to the resumed epoch only
     assert len(list(resumed)) == 8
+    longer = ResumableSampler(50, 24, seed=0, replacement=False)
+    longer.load_state_dict({"epoch": 0, "consumed": 6})
+    longer.set_epoch(1)  # a run stopped at max_steps: Lightning counted epoch 0 done and begins 1
+    assert list(longer) == whole[6:] and longer.state_dict(consumed=4) == {"epoch": 0, "consumed": 10, "start": 6, "behind": 1}
+    longer.set_epoch(2)  # then its order's epoch 1, one behind Lightning's
+    epoch_1 = ResumableSampler(50, 24, seed=0, replacement=False)
+    epoch_1.set_epoch(1)
+    assert list(longer) == list(epoch_1)
     at_end = ResumableSampler(50, 24, seed=0)
     at_end.load_state_dict({"epoch": 2, "consumed": 24})
     assert (at_end.epoch, at_end.skip) == (3, 0)
@@ -56,13 +65,13 @@ class Recorder(L.Callback):
         self.seen.append((trainer.global_step, batch[:, :4].tolist()))
 
 
-def fit(tmp_path, recorder, num_workers=0, ckpt_path=None):
+def fit(tmp_path, recorder, num_workers=0, ckpt_path=None, max_steps=12):
     L.seed_everything(0)
     pattern = AttentionPattern("dense", block_size=8)
     module = SparseTransformerLM(ModelConfig(seq_len=16, d_model=16, n_layers=1, n_heads=2, pattern=pattern, attention=Sparse("blocks")))
     data = ByteTextDataModule(seq_len=16, batch_size=2, samples_per_epoch=8, num_workers=num_workers)  # 4 steps/epoch
     trainer = L.Trainer(
-        max_steps=12,
+        max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
@@ -99,6 +108,20 @@ def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(tmp_path, crash_
     assert first.seen[:saved] + then.seen == whole.seen
     assert trainer.global_step == 12
     torch.testing.assert_close(resumed.state_dict(), reference.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stop_at", [6, 4], ids=["mid-epoch", "epoch-end"])
+def test_a_finished_run_trained_longer_sees_the_batches_an_uninterrupted_run_sees(tmp_path, stop_at, one_thread):
+    """A run that reached its max_steps, resumed with more: Lightning counts the epoch it stopped in as done, yet the
+    rest of that epoch's order comes first, as in a run that never stopped."""
+    whole = Recorder()
+    _, reference = fit(tmp_path / "whole", whole)
+    first, then = Recorder(), Recorder()
+    fit(tmp_path / "run", first, max_steps=stop_at)
+    trainer, longer = fit(tmp_path / "run", then, ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+    assert first.seen + then.seen == whole.seen
+    assert trainer.global_step == 12
+    torch.testing.assert_close(longer.state_dict(), reference.state_dict(), rtol=0, atol=0)
 
 
 def train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -152,3 +175,18 @@ def test_kill_9_of_a_run_whose_validation_stopped_improving_resumes_within_one_s
     resumed = train(tmp_path / "run", "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(logged_losses(tmp_path / "run" / "csv" / "version_1")) == [8, 9]  # no step lost since the last save
+
+
+@pytest.mark.slow
+def test_a_finished_run_made_longer_through_the_cli_matches_one_that_ran_as_long(tmp_path):
+    """train.py's last.ckpt of a run at its max_steps is saved after Lightning counted the epoch done (8 steps an
+    epoch, stopped at 2); made longer to 4 steps it must still train on the rest of that epoch's windows."""
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert train_tiny_checkpointing(whole, "  max_steps: 4").returncode == 0
+    assert train_tiny_checkpointing(run, "  max_steps: 2").returncode == 0
+    longer = train_tiny_checkpointing(run, "  max_steps: 4", "--ckpt_path", "last")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    a, b = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True) for folder in (whole, run))
+    assert a["ByteTextDataModule"]["train_sampler"]["consumed"] == b["ByteTextDataModule"]["train_sampler"]["consumed"] == 16
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=0, msg=name)

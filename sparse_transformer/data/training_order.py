@@ -56,6 +56,9 @@ class ResumableSampler(DistributedSampler):
         )
         self.population, self.replacement = population, replacement
         self.skip = 0  # samples of epoch `self.epoch` (global, over all ranks) already trained on
+        self.start = 0  # where in this order Lightning's current epoch began (not 0 after a run was made longer)
+        self.behind = 0  # Lightning's epoch less this order's: 1 once a run stopped at max_steps was made longer
+        self.resumed = False  # loaded from a checkpoint, and Lightning has not begun an epoch since
 
     def __iter__(self) -> Iterator[int]:
         # Read once: Lightning calls set_epoch after a resumed iterator has already started.
@@ -70,18 +73,28 @@ class ResumableSampler(DistributedSampler):
         return iter(rest[self.rank : per_rank * self.num_replicas : self.num_replicas].tolist())
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.skip = 0
-        super().set_epoch(epoch)
+        """Lightning's epoch ``epoch`` begins: the order of epoch ``epoch - behind`` from its start, or, after a
+        resume, from where the checkpoint left it. Lightning resumes an epoch it stopped in by a kill; one a run
+        ended at its max_steps it counts as done, and a run made longer begins the next. The rest of the order it
+        was in comes first all the same, as in a run that never stopped, and the orders stay one epoch behind."""
+        if self.resumed:
+            self.resumed = False
+            if epoch != self.epoch + self.behind and self.skip < self.total_size:
+                self.behind, self.start = epoch - self.epoch, self.skip
+                return
+        if epoch - self.behind != self.epoch:
+            self.skip = self.start = 0
+        super().set_epoch(epoch - self.behind)
 
     def state_dict(self, consumed: int) -> dict[str, int]:
-        """The position after ``consumed`` samples (over all ranks) of the current epoch."""
-        return {"epoch": self.epoch, "consumed": consumed}
+        """The position after ``consumed`` samples (over all ranks) of Lightning's current epoch."""
+        return {"epoch": self.epoch, "consumed": self.start + consumed, "start": self.start, "behind": self.behind}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.skip = state["epoch"], state["consumed"]
+        self.epoch, self.skip, self.resumed = state["epoch"], state["consumed"], True
+        self.start, self.behind = state.get("start", 0), state.get("behind", 0)  # checkpoints before they existed: 0
         if self.skip >= self.total_size:  # saved at the end of an epoch: the next one starts afresh
-            self.epoch, self.skip = self.epoch + 1, 0
+            self.epoch, self.skip, self.start = self.epoch + 1, 0, 0
 
 
 class ResumableTraining:
