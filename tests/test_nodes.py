@@ -27,9 +27,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_node_outlives_its_test():
+    """A test that fails or times out waiting leaves no node running (it would hold the cores for the rest)."""
+    yield
+    while STARTED:
+        node = STARTED.pop()
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+
+
 def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    node = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    STARTED.append(node)
+    return node
 
 
 def fit(root, *args: str) -> list[str]:
