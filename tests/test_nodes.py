@@ -4,6 +4,7 @@ would start them. They train and resume; a node that dies ends the other within 
 nodes or the launcher contradict are one line, with nothing written."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,13 +38,15 @@ def no_node_outlives_its_test():
     while STARTED:
         node = STARTED.pop()
         if node.poll() is None:
-            node.kill()
+            os.killpg(node.pid, signal.SIGKILL)  # its group: torchrun's worker too
             node.wait()
 
 
 def start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    node = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    node = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     STARTED.append(node)
     return node
 
