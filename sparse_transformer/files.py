@@ -1,12 +1,17 @@
-"""Files written whole or not at all (checkpoints, samples, results tables, prepared data), into folders checked first."""
+"""Files written whole or not at all (checkpoints, samples, results tables, prepared data), into folders checked first
+and held by one process at a time."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -92,3 +97,92 @@ def reason(error: OSError) -> str:
     reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}  # fmt: skip
     return reasons.get(error.errno, error.strerror or type(error).__name__)
+
+
+UNSUPPORTED_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
+
+
+class FolderLock:
+    """One process at a time in ``folder``: an exclusive ``flock`` on ``<folder>/<name>``, which the kernel releases
+    when its holder dies, so a lock left by a killed process (``kill -9``, a lost node) is taken by the next one
+    without anyone deleting a file. The file says who holds it (:meth:`holder`). It is removed before it is
+    unlocked, so a process that waited checks that the file it locked is still the lock's. Folders made for the
+    lock are removed on :meth:`release` when nothing was written in them.
+
+    Args:
+        folder: what is held; created with its missing parents.
+        name: the lock file's name in it.
+        what: the folder in messages (``run folder``, ``data folder``).
+    """
+
+    def __init__(self, folder: str | Path, name: str, what: str):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / name
+        self.created: list[Path] = []  # folders the lock made, removed on release when still empty
+        self.fd: int | None = None
+
+    def take(self, waiting: Callable[[str], None] | None = None, about: str = "") -> bool:
+        """Hold the folder; False if another process does and ``waiting`` is None, else call ``waiting`` with the
+        holder's line and wait for it. On a file system without locks, warn and go on unheld. ``about`` is written
+        in the lock file after the process, host and time (what this process is doing)."""
+        self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()][::-1]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if waiting is None:
+                        os.close(fd)
+                        return False
+                    waiting(self.holder())
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in UNSUPPORTED_LOCKS:
+                    raise
+                print(f"warning: cannot lock the {self.what} {self.folder} ({e.strerror}); nothing stops a second process in it",
+                      file=sys.stderr)  # fmt: skip
+                return True
+            if _same_file(fd, self.path):
+                self.fd = fd
+            else:  # the holder removed the file between our open and our lock: lock the new one
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')} {about}".strip().encode() + b"\n")
+        return True
+
+    def holder(self) -> str:
+        """``process 123 on host (since 2026-12-04 10:00:00: what it does)``, or ``another process``."""
+        line = ""
+        for _ in range(20):  # a holder that just took the lock writes its line a moment later
+            line = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
+            if line:
+                break
+            time.sleep(0.05)
+        pid, host, day, clock, about = (line.split(" ", 4) + [""] * 5)[:5]
+        if not pid:
+            return "another process"
+        return f"process {pid} on {host} (since {day} {clock}" + (f": {about})" if about else ")")
+
+    def release(self) -> None:
+        """Remove the lock file and unlock (in that order, so a waiting process never locks a removed file), then
+        remove the folders the lock made if nothing was written in them."""
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: something was written in it
+        self.created = []
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False

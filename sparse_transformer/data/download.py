@@ -24,13 +24,11 @@ Every failure is one line (an :class:`InputError`) naming the URL or file and wh
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import http.client
 import os
 import shutil
 import signal
-import socket
 import sys
 import tarfile
 import tempfile
@@ -44,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sparse_transformer.errors import InputError, Interrupted
-from sparse_transformer.files import TEMPORARY_SUFFIX, check_folder, check_room
+from sparse_transformer.files import FolderLock, TEMPORARY_SUFFIX, check_folder, check_room
 from sparse_transformer.terminal import StatusLine, clock
 
 TIMEOUT = 60.0  # seconds without a byte before a connection counts as stalled
@@ -54,7 +52,6 @@ PLAIN_EVERY = 10.0  # seconds between progress lines when stderr is not a termin
 CHUNK = 1 << 16  # bytes per read
 PART = ".part"
 LOCK = ".download.lock"
-UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
 USER_AGENT = "sparse-transformer"
 MB = 1e6
 
@@ -93,7 +90,7 @@ def prepare(
     if check(target):
         print(f"{target} is complete already: nothing to download")
         return target
-    with FolderLock(target.parent):
+    with DataLock(target.parent):
         if check(target):  # another process made it while this one waited
             print(f"{target} is complete already (another process downloaded it): nothing to download")
             return target
@@ -302,67 +299,17 @@ def extract(archive: Path, member: str, into: Path) -> None:
         t.extractall(into, members=members, **safe)
 
 
-class FolderLock:
-    """One process at a time preparing data in ``folder``: a second one waits, saying for whom.
-
-    The lock file is removed before it is unlocked, so a waiting process checks that the file it locked is still
-    the lock's. Folders made for the lock are removed on release when nothing was written in them.
-    """
+class DataLock:
+    """One process at a time preparing data in ``folder`` (``files.FolderLock``): a second one waits, saying for whom."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK
-        self.created: list[Path] = []
-        self.fd: int | None = None
+        self.lock = FolderLock(self.folder, LOCK, "data folder")
 
-    def __enter__(self) -> FolderLock:
+    def __enter__(self) -> DataLock:
         check_folder(self.folder, "data folder")
-        self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()][::-1]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        while self.fd is None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    print(f"waiting for {self._holder()}, which is preparing data in {self.folder} ...", file=sys.stderr)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as e:
-                os.close(fd)
-                if e.errno not in UNSUPPORTED:
-                    raise
-                print(f"warning: cannot lock {self.folder} ({e.strerror}); nothing stops a second download into it",
-                      file=sys.stderr)  # fmt: skip
-                return self
-            if _same_file(fd, self.path):
-                self.fd = fd
-            else:  # the holder removed the file between our open and our lock: lock the new one
-                os.close(fd)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self.lock.take(lambda holder: print(f"waiting for {holder}, which is preparing data in {self.folder} ...", file=sys.stderr))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(self.fd)
-            self.fd = None
-        for folder in reversed(self.created):
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty: data or a .part to resume
-
-    def _holder(self) -> str:
-        try:
-            pid, host, day, hour = (self.path.read_text(errors="replace").split() + [""] * 4)[:4]
-        except OSError:
-            pid = ""
-        return f"process {pid} on {host} (since {day} {hour})" if pid else "another process"
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.fstat(fd).st_ino == path.stat().st_ino
-    except FileNotFoundError:
-        return False
+        self.lock.release()
