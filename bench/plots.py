@@ -50,13 +50,9 @@ def attention_times(rows: list, path: Path, title: str) -> str:
                 ax.plot(*zip(*both), marker="o", label=f"{label}, fwd+bwd")
             if fwd:
                 ax.plot(*zip(*fwd), marker="s", linestyle="--", label=f"{backend}, fwd only")
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(layout)
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel("time per call (ms)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _axes(ax, "sequence length N", "time per call (ms)")
     for ax in list(axes.flat)[len(layouts) :]:
         ax.set_visible(False)
     fig.suptitle(title)
@@ -112,11 +108,7 @@ def peers(summary: dict[str, dict[int, dict]], path: Path, title: str) -> str:
             ns = [n for n in sorted(rows) if rows[n][key] is not None]
             if ns:
                 ax.plot(ns, [rows[n][key] for n in ns], marker="o", label=labels.get(side, side))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _axes(ax, "context N", label)
     fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
@@ -137,13 +129,18 @@ def long_sequences(rows: list[dict], path: Path, title: str) -> str:
         by_time.plot(ns, [1e6 * r["step_s"] / r["n"] for r in mine], marker="o", label=LABELS[side])
         by_memory.plot(ns, [r["working"] / r["n"] / 1024 for r in mine], marker="o", label=LABELS[side])
     for ax, label in ((by_time, "training step time per token (µs)"), (by_memory, "working memory per token (KiB)")):
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _axes(ax, "sequence length N", label)
     fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
     return f"plot: `{path.name}` (log-log time and working memory per token against N, one line per side)"
+
+
+def _axes(ax, xlabel: str, ylabel: str) -> None:
+    """N on a log2 axis, the labels, a grid and the legend: every plot against N."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
