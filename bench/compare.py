@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shlex
 import shutil
 import subprocess
@@ -45,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # train.py and the package live at the repository
 import train  # noqa: E402
 from bench import plots  # noqa: E402
 from bench.machine import device_name  # noqa: E402
+from bench.rss import current_rss, peak_rss, reset_peak  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.errors import InputError, run_cli  # noqa: E402
 
@@ -101,6 +100,8 @@ class Meter(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         if module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(module.device)
+        else:
+            reset_peak()  # each variant's own peak: they train one after another in this process
         self.rss_start = current_rss()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -126,16 +127,8 @@ class Meter(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         if module.device.type == "cuda":
             self.peak_mib = torch.cuda.max_memory_allocated(module.device) / 2**20
-        else:  # the process's high-water mark (KiB on Linux) above its resident size when training began
-            self.peak_mib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.rss_start, 0) / 2**20
-
-
-def current_rss() -> int:
-    """Resident set size in bytes (Linux /proc; 0 elsewhere, where the memory column is then the absolute peak)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+        else:  # the high-water mark above the resident size when training began
+            self.peak_mib = max(peak_rss() - self.rss_start, 0) / 2**20
 
 
 def run_variant(config: dict[str, Any], name: str, root: Path) -> dict[str, Any]:

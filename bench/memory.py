@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench.attention import DTYPES, backends, cases, inputs, passes  # noqa: E402
 from bench.machine import device_name  # noqa: E402
+from bench.rss import current_rss, peak_rss, reset_peak  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import lut  # noqa: E402
 
@@ -59,21 +60,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
-
-
 def peak_mib(fwd_bwd: Callable[[], None]) -> tuple[float, float]:
     """(peak resident MiB of one forward + backward above what was resident before it, MiB the per-layout caches
     hold after it), the caches emptied first, so building them is in the peak."""
     lut.clear_caches()
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = mib("VmRSS")
+    reset_peak()
+    before = current_rss()
     fwd_bwd()
-    return mib("VmHWM") - before, lut.cache_bytes() / 2**20
+    return (peak_rss() - before) / 2**20, lut.cache_bytes() / 2**20
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 Each case runs one forward+backward of the same model and batch in a fresh process, so the peak of one
 cannot hide in the other's. Memory above the model and optimizer: on CUDA ``torch.cuda.max_memory_allocated``
-minus the allocation before the step; on CPU the peak resident set (``ru_maxrss``) minus the resident set
+minus the allocation before the step; on CPU the peak resident set (VmHWM) minus the resident set
 before the step. The table and the command are written to bench/results/recompute-<device>.md.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shlex
 import subprocess
 import sys
@@ -26,13 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.machine import device_name  # noqa: E402
+from bench.rss import current_rss, peak_rss, reset_peak  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer  # noqa: E402
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def measure(args: argparse.Namespace, recompute: bool) -> dict[str, float]:
@@ -58,14 +53,15 @@ def measure(args: argparse.Namespace, recompute: bool) -> dict[str, float]:
         before = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = rss_mib()
+        reset_peak()
+        before = current_rss() / 2**20
     start = time.perf_counter()
     step(idx)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = peak_rss() / 2**20
     return {"memory_mib": peak - before, "step_s": time.perf_counter() - start, "params": model.num_params()}
 
 

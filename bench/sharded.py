@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench.machine import cpu_name  # noqa: E402
+from bench.rss import current_rss, peak_rss, reset_peak  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 
 
@@ -46,11 +47,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
-
-
 class ResidentMemory(L.Callback):
     """Writes ``{"rank", "start", "training", "with_save"}`` (MiB) to ``<folder>/rank<r>.json``."""
 
@@ -58,15 +54,14 @@ class ResidentMemory(L.Callback):
         self.folder, self.record = Path(folder), {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS: the peak from here on
-        self.record = {"rank": trainer.global_rank, "start": mib("VmRSS")}
+        reset_peak()  # the peak from here on
+        self.record = {"rank": trainer.global_rank, "start": current_rss() / 2**20}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.record["training"] = mib("VmHWM")  # before the final save: checkpoint callbacks run after all others
+        self.record["training"] = peak_rss() / 2**20  # before the final save: checkpoint callbacks run after all others
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.record["with_save"] = mib("VmHWM")
+        self.record["with_save"] = peak_rss() / 2**20
         (self.folder / f"rank{self.record['rank']}.json").write_text(json.dumps(self.record))
 
 

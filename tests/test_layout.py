@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from commands import ROOT
 from oracle import random_layout
 
 from sparse_transformer.model.layout import BlockLayout, LayoutError, element_mask
@@ -84,13 +85,15 @@ def test_equal_layouts_share_a_digest():
 
 
 BUILD_2_20 = """
-import json, resource, sys
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from bench.rss import peak_rss
 from sparse_transformer.model.patterns import AttentionPattern
 kind, heads = sys.argv[1], sys.argv[2]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss()
 layout = AttentionPattern(kind, block_size=64, stride=8192, summary=32, heads=heads).layout(4, 2**20)
 held = 0 if layout.is_dense else layout.indptr.nbytes + layout.indices.nbytes
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+peak = peak_rss() - before
 print(json.dumps({"held": held, "peak": peak, "density": layout.density()}))
 """
 
@@ -100,7 +103,7 @@ def test_layouts_of_a_million_positions_take_seconds_and_tens_of_mb(kind, heads)
     """N = 2^20 in blocks of 64, 4 heads: a grid would be 2^30 tiles (1 GiB a layout, and 24 bytes a tile to build).
     The rows hold tens of MB, and building them peaks at a few hundred: O(tiles), in its own process to measure it.
     Merged heads are each kind's largest layout. (Seconds to build: bench/long.py.)"""
-    done = subprocess.run([sys.executable, "-c", BUILD_2_20, kind, heads], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", BUILD_2_20, kind, heads, str(ROOT)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     built = json.loads(done.stdout)
     assert built["held"] < 80 * 2**20, built  # strided merged, the largest: 48 MB

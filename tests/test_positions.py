@@ -45,7 +45,7 @@ def test_any_long_context_factorizes_exactly_into_two_small_axes():
         positions = default_positions(n, stride)
         assert len(positions) == 2 and math.prod(positions) == n and max(positions) <= n // 64, (n, positions)
     assert default_positions(2**24, None) == (4096, 4096)  # sqrt(N) without a stride
-    pattern = AttentionPattern("strided", block_size=512)  # blocks big enough to build the layouts anywhere
+    pattern = AttentionPattern("strided", block_size=64)
     network = Text().resolve(ModelConfig(seq_len=2**20, d_model=512, n_heads=8, n_layers=1, pattern=pattern))
     assert network.pattern.stride == 1024 and network.positions == (1024, 1024)
 
