@@ -25,9 +25,10 @@ Each row generates one whole context of N tokens from the start token at tempera
 configs/audio-long.yaml at every N (strided, heads split, block ``--whole-block-size``, stride sqrt(N) counted in
 blocks) and the positions the audio DataModule gives it, (N / stride, stride); ``--whole-patterns fixed`` adds the
 fixed pattern with the same stride (summary half a block) for its cache. Per row: the time, tokens/s, the time
-per token against the first N's, and the cache's peak: each layer's most bytes held at once (stored blocks and
-the row's gathered keys and values, ``BlockKVCache.peak_bytes``), summed over layers, against a full cache
-(every key and value of every layer: layers x 2 x N x d_model x 4 bytes).
+per token against the first N's, and the cache's peak: each layer's most bytes held at once (its pool of blocks,
+free slots included, and the buffer a row's keys are gathered into: ``BlockKVCache.peak_bytes``), summed over
+layers, against a full cache (every key and value of every layer: layers x 2 x N x d_model x 4 bytes). An N given
+twice is measured twice: on a busy machine, ``--whole 4096 65536 4096`` shows how far the load moved the first.
 """
 
 from __future__ import annotations
@@ -234,8 +235,8 @@ def write_whole(args: argparse.Namespace, rows: list[tuple]) -> None:
         f"float32, default attention backend; heads split, block {args.whole_block_size}, stride sqrt(N) in blocks, "
         "positions (N / stride, stride); one whole context from the start token at temperature 1, with the "
         "key/value cache",
-        "- cache peak: each layer's most bytes held at once (stored blocks and the row's gathered keys and values), "
-        "summed over layers; full cache: layers x 2 x N x d_model x 4 bytes",
+        "- cache peak: each layer's most bytes held at once (its pool of blocks, free slots included, and the buffer a "
+        "row's keys and values are gathered into), summed over layers; full cache: layers x 2 x N x d_model x 4 bytes",
         "",
         "| pattern | N | stride | seconds | tok/s | ms / token | vs first N | cache peak MiB | full cache MiB | peak / full |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
