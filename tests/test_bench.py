@@ -37,6 +37,23 @@ def test_sampling_bench_counts_one_prefill_per_slide(tmp_path):
 
 
 @pytest.mark.slow
+def test_sampling_bench_generates_whole_contexts_and_weighs_the_cache(tmp_path):
+    out = tmp_path / "sampling-long.md"
+    args = ["--d-model", "32", "--layers", "1", "--heads", "2", "--whole", "256", "1024", "--whole-block-size", "16"]
+    result = run("bench/sampling.py", *args, "--whole-patterns", "strided", "fixed", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(out.read_text(), "| pattern | N | stride")
+    assert [(name, int(n), int(stride)) for name, n, stride, *_ in rows] == [
+        ("strided", 256, 64), ("strided", 1024, 128), ("fixed", 256, 64), ("fixed", 1024, 128)
+    ]  # fmt: skip
+    peak = {(name, int(n)): float(share) for name, n, *_, share in rows}
+    for _, n, *_, full, _ in rows:
+        assert float(full) == pytest.approx(2 * int(n) * 32 * 4 / 2**20, abs=0.05)  # 1 layer x (k, v) x N x d x fp32
+    # A strided column reads every block again a stride later: held to the end. Fixed drops each chunk behind it.
+    assert peak["strided", 1024] > 0.9 and peak["fixed", 1024] < 0.5 * peak["strided", 1024]
+
+
+@pytest.mark.slow
 def test_attention_bench_writes_a_table_and_a_plot(tmp_path):
     out = tmp_path / "attention.md"
     args = ["--device", "cpu", "--seq-lens", "128", "256", "--heads", "2", "--head-dim", "16", "--block-size", "16"]

@@ -93,6 +93,21 @@ def test_the_paper_image_and_audio_setups(name):
     assert lm.unit == "bpd"
 
 
+LONG = {  # the paper's lengths on the quickstart's size: DataModule seq_len and batch, stride, positions, recompute
+    "audio-long": (65536, 1, 2048, (32, 2048), True),  # stride sqrt(N) counted in blocks of 64: 32 blocks
+    "imagenet64-long": (12288, 1, 192, (64, 64, 3), False),  # stride one row, from the data
+}
+
+
+@pytest.mark.parametrize("name", LONG)
+def test_the_long_setups_are_the_papers_lengths_on_the_quickstarts_size(name):
+    cli = train.main(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--trainer.logger", "false"], run=False)
+    network, seq_len = cli.model.model.config, cli.datamodule.seq_len
+    assert (network.n_layers, network.d_model, network.n_heads, network.pattern.block_size) == (4, 192, 6, 64)
+    assert (seq_len, cli.datamodule.batch_size, network.pattern.stride, network.positions, network.recompute) == LONG[name]
+    assert (network.pattern.kind, network.pattern.heads) == ("strided", "split")
+
+
 def test_changing_the_data_moves_what_follows_from_it():
     tiny_images = ["--config", str(CONFIGS[0].parent / "cifar10-tiny.yaml"), "--trainer.accelerator", "cpu"]
     network = train.main([*tiny_images, "--data.init_args.image_size", "16"], run=False).model.model.config

@@ -6,6 +6,7 @@ import torch
 
 from sparse_transformer.errors import InputError
 from sparse_transformer.model import AttentionPattern, HourglassConfig, ModelConfig, Sparse, SparseTransformer
+from sparse_transformer.model.kv_cache import BlockKVCache
 from sparse_transformer.sampling import Sampling, generate, slide_of, window_start
 
 PATTERNS = {
@@ -74,6 +75,19 @@ def test_cache_keeps_only_the_blocks_later_queries_read():
             read = cache.layout.to_dense()[:, -1].any(0).nonzero().flatten().tolist()
             assert sorted(cache.blocks) == read
             assert len(read) == 12 if name == "dense" else len(read) < 12, (name, read)
+
+
+def test_the_cache_reuses_the_slots_of_the_blocks_it_drops():
+    """A fixed layer drops each chunk once behind it: over 256 blocks its pool stays at the live ones (doubled)."""
+    layout = AttentionPattern("fixed", block_size=4, stride=32, summary=4, heads="split").layout(2, 1024)
+    cache, key = BlockKVCache(layout, 4), torch.randn(1, 2, 1, 8)
+    most = 0
+    for pos in range(1024):
+        cache.write(key, key, pos)
+        cache.attend(key, pos)
+        most = max(most, cache.stored_blocks())
+    full = 256 * 2 * key.nbytes * 4  # every block's keys and values
+    assert most < 256 // 4 and cache.peak_bytes < full / 2
 
 
 def sliding_by_hand(model: SparseTransformer, prompt: torch.Tensor, length: int, shift: int) -> torch.Tensor:

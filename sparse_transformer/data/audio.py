@@ -91,11 +91,9 @@ class AudioFolderDataModule(SequenceDataModule):
         if self.root.is_file():
             raise InputError(f"audio folder {self.root} is a file; give the folder that holds the recordings")
         if not self.root.is_dir():
-            seconds = math.ceil(self.seq_len / self.sample_rate) + 1  # a window and some room to draw it from
-            longer = f" --seconds {seconds}" if seconds > 2 else ""
             raise InputError(
-                f"audio folder {self.root} not found; put recordings there (WAV, FLAC, ...), or make a few of "
-                f"tones: python -m sparse_transformer.data.audio tiny {self.root}{longer}"
+                f"audio folder {self.root} not found; put recordings there (WAV, FLAC, ...), or make some: "
+                f"python -m sparse_transformer.data.audio {self._maker()}"
             )
         found = sorted(p for p in self.root.rglob("*") if p.is_file())
         unreadable = [p for p in found if p.suffix.lower() in UNREADABLE_SUFFIXES]
@@ -132,42 +130,105 @@ class AudioFolderDataModule(SequenceDataModule):
         """Names, sizes and every byte of the files: setup decodes them whole anyway."""
         return files_fingerprint(self.files, self.root, contents=True)
 
+    def _maker(self) -> str:
+        """The data command that fills ``root`` with clips long enough for this window: tiny ones up to a second,
+        else long ones, longer than their default where the window needs it (a window and room to draw it from)."""
+        window = self.seq_len / self.sample_rate
+        if window <= 1:
+            return f"tiny {self.root}"
+        seconds = math.ceil(window) + 1
+        return f"long {self.root}" + (f" --seconds {seconds}" if seconds > LONG_SECONDS else "")
 
-# Tiny audio for the tiny audio config: python -m sparse_transformer.data.audio tiny data/tiny-audio
 
-TINY_SENTENCES = (
+# Made audio: python -m sparse_transformer.data.audio tiny data/tiny-audio (configs/audio-tiny.yaml),
+# python -m sparse_transformer.data.audio long data/long-audio (configs/audio-long.yaml).
+
+SENTENCES = (
     "The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
     "It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish.",
     "Rice is often served in round bowls.", "The juice of lemons makes fine punch.",
-    "The box was thrown beside the parked truck.", "Four hours of steady work faced us.",
-)  # Harvard sentences (IEEE, 1969)
-TINY_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+f2")
+    "The box was thrown beside the parked truck.", "The hogs were fed chopped corn and garbage.",
+    "Four hours of steady work faced us.", "A large size in stockings is hard to sell.",
+    "The boy was there when the sun rose.", "A rod is used to catch pink salmon.",
+    "The source of the huge river is the clear spring.", "Kick the ball straight and follow through.",
+    "Help the woman get back to her feet.", "A pot of tea helps to pass the evening.",
+    "Smoky fires lack flame and heat.", "The soft cushion broke the man's fall.",
+    "The salt breeze came across from the sea.", "The girl at the booth sold fifty bonds.",
+    "The small pup gnawed a hole in the sock.", "The fish twisted and turned on the bent hook.",
+    "Press the pants and sew a button on the vest.", "The swan dive was far short of perfect.",
+    "The beauty of the view stunned the young boy.", "Two blue fish swam in the tank.",
+    "Her purse was full of useless trash.", "The colt reared and threw the tall rider.",
+    "It snowed, rained, and hailed the same morning.", "Read verse out loud for pleasure.",
+)  # Harvard sentences, lists 1 to 3 (IEEE, 1969)
+VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb+f2", "en-029", "en-gb-scotland+m3")  # tiny: the first four
 PENTATONIC = (0, 2, 4, 7, 9)  # semitones above the root: any order of these notes sounds like a tune
+LONG_SECONDS, LONG_RATE = 8.0, 16_000  # a 65,536-step window at 16 kHz is 4.1 s: each clip holds one and room
 
 
 def tiny_audio(folder: Path, count: int = 8, seconds: float = 2.0, source: str = "auto", seed: int = 0) -> str:
     """Write ``count`` short mono WAVs to ``folder``, the same files for the same arguments.
 
     ``tones``: tunes of plucked notes (a pentatonic scale, three harmonics, a decay) over faint noise, drawn
-    from a seeded generator, ``seconds`` long at 8 kHz. ``speech``: sentences espeak-ng speaks in a few voices
-    (22,050 Hz; needs the espeak-ng program). ``auto`` takes speech when espeak-ng is installed. Returns the
-    source used.
+    from a seeded generator, ``seconds`` long at 8 kHz. ``speech``: one sentence each, which espeak-ng speaks in
+    one of four voices (22,050 Hz; needs the espeak-ng program). ``auto`` takes speech when espeak-ng is
+    installed. Returns the source used.
     """
-    if count < 2 or not seconds > 0:
-        raise InputError(f"tiny audio: count={count} must be >= 2 (one is held out) and seconds={seconds} > 0")
-    if source == "auto":
-        source = "speech" if shutil.which("espeak-ng") else "tones"
+    source = _resolve("tiny", count, seconds, source)
     if source == "tones":
         rng = np.random.default_rng(seed)
         clips = [(_tune(seconds, 8000, rng), 8000) for _ in range(count)]
-    elif source == "speech":
-        clips = [_speak(TINY_SENTENCES[i % len(TINY_SENTENCES)], TINY_VOICES[i % len(TINY_VOICES)]) for i in range(count)]
     else:
-        raise InputError(f"tiny audio: source={source!r} must be auto, tones or speech")
+        clips = [_speak(SENTENCES[i % 8], VOICES[i % 4]) for i in range(count)]
+    _write(folder, source, clips)
+    return source
+
+
+def long_audio(folder: Path, count: int = 24, seconds: float = LONG_SECONDS, source: str = "auto", seed: int = 0) -> str:
+    """Write ``count`` mono WAVs of at least ``seconds`` each to ``folder``, the same files for the same arguments:
+    data for windows of seconds, such as configs/audio-long.yaml's 65,536 steps at 16 kHz.
+
+    ``tones``: tunes as :func:`tiny_audio` makes them, at 16 kHz. ``speech``: six voices take turns reading the
+    Harvard sentences, each voice going on where its previous clip stopped, a quarter second between sentences,
+    a clip ending with the first sentence that takes it past ``seconds`` (22,050 Hz). ``auto`` takes speech
+    when espeak-ng is installed. Returns the source used.
+    """
+    source = _resolve("long", count, seconds, source)
+    if source == "tones":
+        rng = np.random.default_rng(seed)
+        clips = [(_tune(seconds, LONG_RATE, rng), LONG_RATE) for _ in range(count)]
+    else:
+        read = [0] * len(VOICES)  # the next sentence of each voice
+        clips = []
+        for i in range(count):
+            voice = i % len(VOICES)
+            parts: list[np.ndarray] = []
+            while True:
+                waveform, rate = _speak(SENTENCES[read[voice] % len(SENTENCES)], VOICES[voice])
+                read[voice] += 1
+                parts.append(waveform)
+                if sum(map(len, parts)) >= seconds * rate:
+                    break
+                parts.append(np.zeros(rate // 4, dtype=np.float32))
+            clips.append((np.concatenate(parts), rate))
+    _write(folder, source, clips)
+    return source
+
+
+def _resolve(kind: str, count: int, seconds: float, source: str) -> str:
+    """The source to use (``auto``: speech when espeak-ng is installed, else tones); bad options in one line."""
+    if count < 2 or not seconds > 0:
+        raise InputError(f"{kind} audio: count={count} must be >= 2 (one is held out) and seconds={seconds} > 0")
+    if source not in ("auto", "tones", "speech"):
+        raise InputError(f"{kind} audio: source={source!r} must be auto, tones or speech")
+    if source == "auto":
+        return "speech" if shutil.which("espeak-ng") else "tones"
+    return source
+
+
+def _write(folder: Path, source: str, clips: list[tuple[np.ndarray, int]]) -> None:
     for i, (waveform, rate) in enumerate(clips):
         with atomic_file(Path(folder) / f"{source}-{i:02d}.wav") as f:
             soundfile.write(f, waveform, rate, format="WAV", subtype="PCM_16")
-    return source
 
 
 def _tune(seconds: float, rate: int, rng: np.random.Generator) -> np.ndarray:
@@ -188,7 +249,7 @@ def _speak(text: str, voice: str) -> tuple[np.ndarray, int]:
     try:
         spoken = subprocess.run(["espeak-ng", "-v", voice, "--stdout", text], check=True, capture_output=True).stdout
     except (FileNotFoundError, subprocess.CalledProcessError) as e:
-        raise InputError(f"tiny audio from speech needs espeak-ng (apt install espeak-ng), or --source tones: {e}") from e
+        raise InputError(f"audio from speech needs espeak-ng (apt install espeak-ng), or --source tones: {e}") from e
     waveform, rate = soundfile.read(io.BytesIO(spoken), dtype="float32")
     return waveform, rate
 
@@ -196,20 +257,30 @@ def _speak(text: str, voice: str) -> tuple[np.ndarray, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sparse_transformer.data.audio", description="Make audio data.")
     commands = parser.add_subparsers(dest="command", required=True)
-    tiny = commands.add_parser(
-        "tiny", help="a folder of short WAVs for configs/audio-tiny.yaml",
-        description="Write a few short WAVs, the same files every time, in seconds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
-    tiny.add_argument("folder", type=Path, help="where the WAVs go (created)")
-    tiny.add_argument("--count", type=int, default=8, help="how many")
-    tiny.add_argument("--seconds", type=float, default=2.0, help="tones: the length of each")
-    tiny.add_argument("--source", choices=("auto", "tones", "speech"), default="auto",
-                      help="tones: tunes of plucked notes; speech: sentences espeak-ng speaks; auto: speech if espeak-ng is installed")  # fmt: skip
-    tiny.add_argument("--seed", type=int, default=0)
+    for name, maker, count, seconds, what in (
+        ("tiny", "configs/audio-tiny.yaml", 8, 2.0, "Write a few short WAVs, the same files every time, in seconds."),
+        ("long", "configs/audio-long.yaml", 24, LONG_SECONDS, "Write a few minutes of WAVs, the same files every time, "
+         "clips long enough for windows of seconds (speech: about a minute to make)."),
+    ):  # fmt: skip
+        command = commands.add_parser(
+            name, help=f"a folder of WAVs for {maker}", description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        command.add_argument("folder", type=Path, help="where the WAVs go (created)")
+        command.add_argument("--count", type=int, default=count, help="how many")
+        command.add_argument("--seconds", type=float, default=seconds,
+                             help="tones: the length of each" + ("" if name == "tiny" else "; speech: the least length of each"))  # fmt: skip
+        command.add_argument("--source", choices=("auto", "tones", "speech"), default="auto",
+                             help="tones: tunes of plucked notes; speech: sentences espeak-ng speaks; auto: speech if espeak-ng is installed")  # fmt: skip
+        command.add_argument("--seed", type=int, default=0, help="tones: seeds the tunes")
     args = parser.parse_args(argv)
-    source = tiny_audio(args.folder, args.count, args.seconds, args.source, args.seed)
-    what = f"tunes of {args.seconds:g} s at 8 kHz" if source == "tones" else "sentences espeak-ng speaks"
+    make = tiny_audio if args.command == "tiny" else long_audio
+    source = make(args.folder, args.count, args.seconds, args.source, args.seed)
+    if source == "tones":
+        what = f"tunes of {args.seconds:g} s at {8 if args.command == 'tiny' else LONG_RATE // 1000} kHz"
+    elif args.command == "tiny":
+        what = "sentences espeak-ng speaks"
+    else:
+        what = f"sentences espeak-ng reads in {len(VOICES)} voices, at least {args.seconds:g} s each"
     print(f"wrote {args.count} WAVs to {args.folder}/: {what}")
 
 
