@@ -126,18 +126,19 @@ def child(side: str, n: int, steps: int) -> dict:
         from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
 
         base = current_rss()
-        pattern = (
-            AttentionPattern("dense", block_size=BLOCK)
-            if side == "dense"
-            else AttentionPattern("fixed", block_size=BLOCK, stride=stride(n), summary=SUMMARY, heads="split")
-        )
-        model = SparseTransformer(ModelConfig(**SIZE, pattern=pattern, recompute=n >= RECOMPUTE_FROM, seq_len=n))
+        if side == "dense":
+            pattern = AttentionPattern("dense", block_size=BLOCK)
+            model = SparseTransformer(ModelConfig(**SIZE, pattern=pattern, recompute=n >= RECOMPUTE_FROM, seq_len=n))
+        else:
+            model = sparse_model(n)
         allocator.configure(4 * n * SIZE["d_model"])  # as train.py does
         loss_of = lambda batch: model(batch[:, :-1], targets=batch[:, 1:])  # noqa: E731
         autocast = side == "sparse-bf16"
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}], lr=1e-3, fused=True)
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.01}, {"params": others, "weight_decay": 0.0}], lr=1e-3, fused=True
+    )
     batch = torch.randint(0, 256, (1, n + 1), generator=torch.Generator().manual_seed(0))
     for _ in range(steps):
         start = time.perf_counter()
@@ -149,7 +150,29 @@ def child(side: str, n: int, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
-    return {"step_s": seconds, "loss": loss.item(), "params": params, "base": base, "peak": peak_rss(), "working": peak_rss() - base}
+    return {
+        "step_s": seconds,
+        "loss": loss.item(),
+        "params": params,
+        "base": base,
+        "peak": peak_rss(),
+        "working": peak_rss() - base,
+    }
+
+
+def sparse_model(n: int):
+    """Ours at length n, as the sparse sides train it."""
+    from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
+
+    pattern = AttentionPattern("fixed", block_size=BLOCK, stride=stride(n), summary=SUMMARY, heads="split")
+    return SparseTransformer(ModelConfig(**SIZE, pattern=pattern, recompute=n >= RECOMPUTE_FROM, seq_len=n))
+
+
+def step_flops_per_token(n: int) -> float:
+    """A sparse side's training step in FLOPs per token (``training/memory.step_flops``)."""
+    from sparse_transformer.training.memory import step_flops
+
+    return step_flops(sparse_model(n), batch=1) / n
 
 
 def slope(points: list[tuple[int, float]]) -> float | None:
@@ -180,6 +203,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
     ]  # fmt: skip
     for label, value in checks:
         out.append(f"- {label}: " + ("not measured in this run" if value is None else f"**{value:.2f}**"))
+    if ("sparse", 1048576) in at and ("sparse", 16384) in at:
+        flops = {n: step_flops_per_token(n) for n in (16384, 1048576)}
+        out.append(
+            f"- ours: a step's FLOPs per token at N=1,048,576 over those at 16,384 (the model's count, 4x forward with "
+            f"recompute, 3x without): {flops[1048576] / flops[16384]:.2f}; FLOP/s at 1,048,576 over those at 16,384: "
+            f"{(flops[1048576] / per_token(at[('sparse', 1048576)])) / (flops[16384] / per_token(at[('sparse', 16384)])):.2f}"
+        )
     both = sorted(n for side, n in at if side == "peer" and ("sparse", n) in at)
     if both:
         ratios = ", ".join(f"{at[('sparse', n)]['working'] / at[('peer', n)]['working']:.2f} at {n:,}" for n in both)
@@ -211,7 +241,9 @@ def write_results(args: argparse.Namespace, rows: list[dict], stops: dict[str, s
         time_slope = slope([(r["n"], r["step_s"] / r["n"]) for r in mine])
         memory_slope = slope([(r["n"], r["working"] / r["n"]) for r in mine])
         if time_slope is not None:
-            slopes.append(f"- {LABELS[side]}: time per token ~ N^{time_slope:.2f}, working memory per token ~ N^{memory_slope:.2f}")
+            slopes.append(
+                f"- {LABELS[side]}: time per token ~ N^{time_slope:.2f}, working memory per token ~ N^{memory_slope:.2f}"
+            )
     plot = plots.long_sequences(rows, args.out.with_suffix(".png"), f"one training step, batch 1, {device_name('cpu')}")
     lines = [
         "# One training step at the paper's lengths (CPU)",

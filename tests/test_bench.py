@@ -3,6 +3,7 @@ or grow by a known law."""
 
 import itertools
 import math
+import re
 import time
 
 import pytest
@@ -180,3 +181,32 @@ def test_busy_bench_times_each_setting_idle_and_beside_a_busy_process(tmp_path):
     assert set(rows) == {"default", "spin-1k"}
     assert rows["spin-1k"][1] == "`GOMP_SPINCOUNT=1000`" and rows["default"][4] == "+0.0%"
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_long_bench_times_each_side_and_stops_a_dense_one_where_its_step_would_be_too_long(tmp_path):
+    out = tmp_path / "long.md"
+    args = ["--seq-lens", "256", "512", "--sides", "sparse", "dense", "--max-step-s", "0.001", "--out", str(out)]
+    result = run("bench/long.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert f"`python bench/long.py {' '.join(args)}`" in text and out.with_suffix(".png").exists()
+    rows = table_rows(text, "| side | N |")
+    assert [(side, n) for side, n, *_ in rows] == [("ours, fixed split (fp32)", "256"), ("ours, fixed split (fp32)", "512"),
+                                                   ("ours, dense pattern (flash SDPA)", "256")]  # fmt: skip
+    assert "ours, dense pattern (flash SDPA): stopped before N=512: a step extrapolated from N=256 as N^2" in text
+    assert "- ours, fixed split (fp32): time per token ~ N^" in text
+    assert "tokens/s over the peer's at N=65,536 (target >= 10): not measured in this run" in text
+
+
+def test_long_bench_sets_the_step_flops_against_its_time():
+    """From N = 16,384 to 2^20 the FLOPs per token of ours grow about 3x by the pattern, and 4/3 by recompute."""
+    from bench import long
+
+    rows = [
+        {"side": "sparse", "n": n, "step_s": n * seconds, "working": 1, "peak": 0}
+        for n, seconds in ((16384, 1e-4), (1048576, 4e-4))
+    ]
+    (line,) = [line for line in long.summary_lines(rows) if "FLOPs per token" in line]
+    flops, rate = (float(x) for x in re.findall(r": ([\d.]+)", line))
+    assert 3.5 < flops < 4.5 and rate == pytest.approx(flops / 4, abs=0.01)
