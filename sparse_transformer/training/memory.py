@@ -38,7 +38,7 @@ START_UP = 60 * MiB  # what the first step makes once (plans, threads' buffers)
 DYNAMO = 175 * MiB  # torch.utils.checkpoint imports Dynamo on its first call (Lightning's import already did)
 MARGIN = 1.1  # on the measured coefficients: an estimate errs on the safe side
 LONG_STEP_FLOPS = 1e12  # a step of more FLOPs than this (about ten seconds on a laptop's CPU) gets a line first
-EFFICIENCY = 0.5  # a training step's FLOP/s over a plain matrix product's, on a CPU (measured at N = 65,536)
+EFFICIENCY = 0.6  # a step's FLOP/s over a plain matrix product's on a CPU: 0.61 at N = 2^20, bench/results/long-runs-cpu.md
 
 
 @dataclass(frozen=True)
