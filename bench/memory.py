@@ -17,7 +17,6 @@ one-time costs of the process (thread pools, BLAS buffers) are not charged to th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import math
 import shlex
@@ -33,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from bench.attention import DTYPES, backends, cases, inputs, passes  # noqa: E402
 from bench.machine import device_name  # noqa: E402
 from bench.rss import current_rss, peak_rss, reset_peak  # noqa: E402
+from sparse_transformer import allocator  # noqa: E402
 from sparse_transformer.files import write_atomic  # noqa: E402
 from sparse_transformer.model.kernels import lut  # noqa: E402
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,7 +71,7 @@ def peak_mib(fwd_bwd: Callable[[], None]) -> tuple[float, float]:
 
 def main() -> None:
     args = parse_args()
-    if not Path("/proc/self/clear_refs").exists() or ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 << 10) != 1:
+    if not Path("/proc/self/clear_refs").exists() or not allocator.map_above(128 << 10):
         sys.exit("error: bench/memory.py needs Linux with glibc (/proc/self/clear_refs, mallopt)")
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     torch.manual_seed(0)

@@ -24,11 +24,18 @@ LONG = 8 << 20  # bytes of a step's [B, N, d_model] fp32 tensor from which the t
 def configure(unit_bytes: int) -> bool:
     """Fix glibc's mmap threshold for a step whose ``[B, N, d_model]`` tensors take ``unit_bytes`` if that is long;
     whether it was set (not on other C libraries, or short steps)."""
-    if unit_bytes < LONG or not sys.platform.startswith("linux"):
+    return unit_bytes >= LONG and map_above(THRESHOLD)
+
+
+def map_above(threshold: int) -> bool:
+    """Give every allocation above ``threshold`` bytes a mapping of its own, unmapped when freed (the threshold no
+    longer rises); whether it was set (glibc on Linux only). ``bench/memory.py`` uses it at 128 KiB, so memory freed
+    earlier is not reused unseen."""
+    if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):  # musl and others have none
         return False
     # The trim threshold (free memory the heap keeps at its top) rose with the mmap threshold: set it as glibc would.
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 2 * threshold))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -133,8 +134,6 @@ def step_flops(model: SparseTransformer, batch: int) -> float:
 
 def gemm_rate() -> float:
     """FLOP/s of an fp32 matrix product of a training step's shape on this CPU now, measured in about 0.1 s."""
-    import time
-
     a, b = torch.randn(4096, 256), torch.randn(256, 1024)
     a @ b  # warm-up
     count, start = 0, time.perf_counter()
