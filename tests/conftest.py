@@ -1,4 +1,5 @@
-"""Without CUDA, Triton kernels run in its interpreter; the variable must be set before triton is imported."""
+"""Without CUDA, Triton kernels run in its interpreter; the variable must be set before triton is imported. Every
+process the suite starts writes its threads' stacks if it dies by a signal (faulthandler)."""
 
 import os
 
@@ -11,6 +12,7 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a train.py or sample.py the suite runs that dies by a signal shows its stacks
 
 
 def pytest_collection_modifyitems(config, items):

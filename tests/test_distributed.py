@@ -5,21 +5,27 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from torch.distributed import TCPStore
 
 import train
 from commands import ROOT, train_tiny_checkpointing
 from sparse_transformer.errors import run_cli
+from sparse_transformer.training.distributed import FailureWatch, start_once_launched
 
 DDP = "  strategy: ddp\n  devices: 2\n  max_steps: 4"
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")  # a rank killed by a signal prints every thread's Python stack
+def test_ddp_on_two_cpu_processes(tmp_path):
     run = tmp_path / "run"
     result = train_tiny_checkpointing(run, DDP)
     assert result.returncode == 0, failure(result)
@@ -59,6 +65,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def watching() -> bool:
+    return any(thread.name == "failure-watch" for thread in threading.enumerate())
+
+
+def test_the_failure_watch_starts_after_the_launcher_set_the_environment_and_started_the_ranks(monkeypatch):
+    """Its thread's store client reads the environment while connecting, and the launcher adds to it (setenv), which
+    can move the array under that read: the likely cause of the launching process's segfault, seen twice in the
+    suite's 2-rank runs before it started rank 1 (distributed.py)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the launcher would otherwise set, with torch's thread count
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)  # the launcher sets them; LOCAL_RANK would make it spawn nothing
+    seen = []
+
+    class Launcher(_SubprocessScriptLauncher):
+        def _call_children_scripts(self):  # where the launcher sets MASTER_ADDR... and starts ranks 1..
+            seen.append(("launching", watching()))
+
+    store = TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+    watch = FailureWatch("127.0.0.1", store.port, "rank 0")
+    launcher = Launcher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    try:
+        start_once_launched(watch, SimpleNamespace(launcher=launcher))
+        assert not watching()
+        assert launcher.launch(lambda x: seen.append(("training", watching())) or x, 7) == 7
+    finally:
+        watch.stop()
+    assert seen == [("launching", False), ("training", True)]
+
+
+def test_under_a_launcher_that_spawns_the_failure_watch_starts_at_once():
+    store = TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+    watch = FailureWatch("127.0.0.1", store.port, "rank 0")
+    try:
+        start_once_launched(watch, SimpleNamespace(launcher=None))
+        assert watching()
+    finally:
+        watch.stop()
+    assert not watching()
 
 
 def node(rank: int, port: int, root, *args: str) -> subprocess.Popen:

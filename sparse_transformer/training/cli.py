@@ -45,6 +45,7 @@ from sparse_transformer.training.distributed import (
     launched_as_rank_zero,
     lost_peer,
     port_taken,
+    start_once_launched,
     watch_from_environment,
 )
 from sparse_transformer.training import memory
@@ -277,6 +278,7 @@ class SparseTransformerCLI(LightningCLI):
         """``trainer.fit`` from the run's checkpoint; in a run of several processes, watched for a failure of any."""
         if self.trainer.world_size > 1:
             self.watch = self._failure_watch()
+            start_once_launched(self.watch, self.trainer.strategy)
         self.trainer.fit(model, datamodule, ckpt_path=self.run.resume_from)
 
     def after_fit(self) -> None:
@@ -293,7 +295,7 @@ class SparseTransformerCLI(LightningCLI):
         environment, rank = strategy.cluster_environment, self.trainer.global_rank
         cleanup = self.lock.release if self.lock is not None else None
         ranks = (rank, self.trainer.world_size)
-        return FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", ranks, cleanup).start()
+        return FailureWatch(environment.main_address, environment.main_port, f"rank {rank}", ranks, cleanup)
 
     def _tell_the_other_ranks(self, error: Exception) -> None:
         """In a run of several processes, a failure here ends the others with the same line (``distributed.py``)."""

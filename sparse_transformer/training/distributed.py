@@ -18,6 +18,14 @@ sooner, in the next collective; a rank whose collective failed so waits for the 
 printing gloo's traceback. Rank 0 also writes the world size it was launched for; a rank launched for another
 (nodes given different ``--trainer.num_nodes`` or ``--trainer.devices``, which would otherwise wait in the
 rendezvous for ranks that never come) writes its line.
+
+The watch's thread starts only once Lightning's launcher is done with the process (``start_once_launched``). The
+launcher adds variables to the environment (``MASTER_ADDR``, ``LOCAL_RANK``, ``OMP_NUM_THREADS``...) and starts the
+other local ranks; C's ``setenv`` may move the environment's array while another thread reads it (``getenv``, as
+torch's store client and the resolver may while connecting), and such a read is a segfault. The launching process
+of a 2-rank run died so twice in about a hundred such runs in the test suite (SIGSEGV, before it started rank 1,
+with the watch its only other thread); in a few hundred runs alone it never did, so that this is the cause is an
+inference from where it died, and the order now leaves the launcher's work to one thread whatever the cause was.
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from torch.distributed import TCPStore
 
 KEY = "sparse_transformer/error"
@@ -191,6 +202,26 @@ class _Peer:
 
     def __init__(self):
         self.count, self.since, self.world_checked = 0, time.monotonic(), False
+
+
+def start_once_launched(watch: FailureWatch, strategy: Strategy) -> None:
+    """Start ``watch`` when ``strategy``'s launcher calls the training function: after it set this process's
+    environment and started the other local ranks, before the rendezvous, in which a watch is needed to hear of a
+    rank that failed before it. A launcher that runs the function in other processes (spawn) gets it started now."""
+    launcher = strategy.launcher
+    if not isinstance(launcher, _SubprocessScriptLauncher):
+        watch.start()
+        return
+    launch = launcher.launch
+
+    def launch_then_watch(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def watched(*inner: Any, **named: Any) -> Any:
+            watch.start()
+            return function(*inner, **named)
+
+        return launch(watched, *args, **kwargs)
+
+    launcher.launch = launch_then_watch
 
 
 def watch_from_environment() -> FailureWatch | None:
