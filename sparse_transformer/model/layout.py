@@ -213,7 +213,7 @@ class BlockLayout:
             if c > r:
                 raise LayoutError(f"layout is not causal: head {h} has tile ({r}, {c}) above the diagonal")
             raise LayoutError(f"layout head {h} query block {r} lacks its diagonal tile; every query attends to itself")
-        steps = idx[1:].long() - idx[:-1].long()
+        steps = idx[1:] - idx[:-1]  # int32, as the entries: an int64 copy was 8 bytes a tile, 3 times over
         starts = torch.zeros(len(idx), dtype=torch.bool)
         starts[ptr[:-1]] = True  # an entry that begins a row may be anything below the last of the previous row
         bad = ((steps <= 0) & ~starts[1:]).nonzero()

@@ -131,7 +131,8 @@ class AttentionPattern:
         else:
             per_head = [rules[h % 2] for h in range(n_heads)]
         count = torch.cat([c for c, _ in per_head])
-        return BlockLayout(n_heads, n, torch.cat([torch.zeros(1, dtype=torch.int64), count.cumsum(0)]), torch.cat([i for _, i in per_head]))
+        columns = torch.cat([i.to(torch.int32) for _, i in per_head])  # the layout's own dtype: no int64 copy of every head
+        return BlockLayout(n_heads, n, torch.cat([torch.zeros(1, dtype=torch.int64), count.cumsum(0)]), columns)
 
     def density(self, n_heads: int, seq_len: int) -> float:
         """About the fraction of the causal tiles the layouts at ``seq_len`` compute (over layers, for interleaved),
