@@ -123,14 +123,8 @@ def child(side: str, n: int, steps: int) -> dict:
         threads.configure()  # as train.py does
         import torch
 
-        from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
-
         base = current_rss()
-        if side == "dense":
-            pattern = AttentionPattern("dense", block_size=BLOCK)
-            model = SparseTransformer(ModelConfig(**SIZE, pattern=pattern, recompute=n >= RECOMPUTE_FROM, seq_len=n))
-        else:
-            model = sparse_model(n)
+        model = our_model(n, dense=side == "dense")
         allocator.configure(4 * n * SIZE["d_model"])  # as train.py does
         loss_of = lambda batch: model(batch[:, :-1], targets=batch[:, 1:])  # noqa: E731
         autocast = side == "sparse-bf16"
@@ -160,11 +154,14 @@ def child(side: str, n: int, steps: int) -> dict:
     }
 
 
-def sparse_model(n: int):
-    """Ours at length n, as the sparse sides train it."""
+def our_model(n: int, dense: bool = False):
+    """Ours at length n, as the sparse sides train it (fixed pattern, heads split), or with the dense pattern."""
     from sparse_transformer.model import AttentionPattern, ModelConfig, SparseTransformer
 
-    pattern = AttentionPattern("fixed", block_size=BLOCK, stride=stride(n), summary=SUMMARY, heads="split")
+    if dense:
+        pattern = AttentionPattern("dense", block_size=BLOCK)
+    else:
+        pattern = AttentionPattern("fixed", block_size=BLOCK, stride=stride(n), summary=SUMMARY, heads="split")
     return SparseTransformer(ModelConfig(**SIZE, pattern=pattern, recompute=n >= RECOMPUTE_FROM, seq_len=n))
 
 
@@ -172,7 +169,7 @@ def step_flops_per_token(n: int) -> float:
     """A sparse side's training step in FLOPs per token (``training/memory.step_flops``)."""
     from sparse_transformer.training.memory import step_flops
 
-    return step_flops(sparse_model(n), batch=1) / n
+    return step_flops(our_model(n), batch=1) / n
 
 
 def slope(points: list[tuple[int, float]]) -> float | None:

@@ -122,17 +122,17 @@ class AttentionPattern:
         if self.kind == "dense":
             return BlockLayout.causal(n_heads, n)
         rules = [self._rule(r, n, unit) for r in range(self.n_rules)]  # one head's (counts, columns) each
+        if len(rules) > 1 and self.heads == "merged":
+            rules = [_union(rules, n)]
+        rules = [(count, columns.to(torch.int32)) for count, columns in rules]  # the layout's dtype, once per rule
         if len(rules) == 1:
             per_head = rules * n_heads
-        elif self.heads == "merged":
-            per_head = [_union(rules, n)] * n_heads
         elif self.heads == "interleaved":
             per_head = [rules[layer % 2]] * n_heads
         else:
             per_head = [rules[h % 2] for h in range(n_heads)]
         count = torch.cat([c for c, _ in per_head])
-        columns = torch.cat([i.to(torch.int32) for _, i in per_head])  # the layout's own dtype: no int64 copy of every head
-        return BlockLayout(n_heads, n, torch.cat([torch.zeros(1, dtype=torch.int64), count.cumsum(0)]), columns)
+        return BlockLayout(n_heads, n, torch.cat([torch.zeros(1, dtype=torch.int64), count.cumsum(0)]), torch.cat([i for _, i in per_head]))
 
     def density(self, n_heads: int, seq_len: int) -> float:
         """About the fraction of the causal tiles the layouts at ``seq_len`` compute (over layers, for interleaved),
